@@ -1,0 +1,131 @@
+"""Decode any image a user may hand us into an upright RGB uint8 array, or say why not.
+
+Limits are checked from the header before pixels are decoded, so a decompression bomb costs
+nothing. EXIF rotation is applied so that masks line up with what the user sees.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB of RGB: enough for any camera
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")  # never EPS/PS (Ghostscript)
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names it and says why."""
+
+
+def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Return an (H, W, 3) uint8 RGB array, EXIF-upright.
+
+    `source` is a path, encoded bytes, a PIL image or an array ((H, W), (H, W, 3) or (H, W, 4),
+    uint8 or uint16). `name` is used in error messages for bytes input.
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, name or "array", max_pixels)
+    if isinstance(source, Image.Image):
+        return _decoded_to_rgb(source, name or "image", max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _open_and_decode(io.BytesIO(bytes(source)), name or "uploaded image", max_pixels)
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file.")
+    with open(path, "rb") as f:
+        return _open_and_decode(f, str(path), max_pixels)
+
+
+def _open_and_decode(stream: io.IOBase, name: str, max_pixels: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream, formats=ALLOWED_FORMATS)
+            _check_pixels(image.size, name, max_pixels)
+            image.load()
+            return _decoded_to_rgb(image, name, max_pixels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: too many pixels to decode safely ({exc}).") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image, or a format other than {', '.join(ALLOWED_FORMATS)}.") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"{name}: the file is damaged or truncated and cannot be decoded ({exc}).") from None
+
+
+def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: the image is empty ({width}x{height}).")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{name}: {width}x{height} is {width * height / 1e6:.0f} MP, over the limit of "
+            f"{max_pixels / 1e6:.0f} MP. Downscale it first."
+        )
+
+
+def _decoded_to_rgb(image: Image.Image, name: str, max_pixels: int) -> np.ndarray:
+    _check_pixels(image.size, name, max_pixels)
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # animated GIF/WebP/TIFF: the first frame
+    image = ImageOps.exif_transpose(image)
+    return _array_to_rgb(_to_rgb_compatible(image), name, max_pixels)
+
+
+def _to_rgb_compatible(image: Image.Image) -> np.ndarray | Image.Image:
+    """Bring every mode to something `_array_to_rgb` takes, without clipping 16-bit data."""
+    if image.mode.startswith("I"):  # 16-bit ("I;16*") or 32-bit int holding 16-bit data ("I")
+        return np.asarray(image).astype(np.float32) / 65535.0
+    if image.mode == "F":
+        return np.asarray(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La"):
+        image = image.convert("RGBA")
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1
+    return np.asarray(image)
+
+
+def _array_to_rgb(array: np.ndarray, name: str, max_pixels: int) -> np.ndarray:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ImageError(f"{name}: an image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}.")
+    _check_pixels((array.shape[1], array.shape[0]), name, max_pixels)
+    array = _to_uint8(array, name)
+    if array.ndim == 2 or array.shape[2] == 1:
+        array = np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=2)
+    elif array.shape[2] == 4:
+        array = _flatten_alpha(array)
+    return np.ascontiguousarray(array)
+
+
+def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        # Scale by the type's range, not the data's, so that a dark 16-bit image stays dark.
+        top = 65535 if array.dtype == np.uint16 or array.max(initial=0) > 255 else 255
+        return (np.clip(array, 0, top).astype(np.float32) * (255.0 / top) + 0.5).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageError(f"{name}: the image holds NaN or infinite values.")
+        top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+        return (np.clip(array, 0, top) * (255.0 / top) + 0.5).astype(np.uint8)
+    raise ImageError(f"{name}: pixel type {array.dtype} is not supported.")
+
+
+def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
+    """Composite over white, the way most viewers show a transparent image."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return (rgb + 0.5).astype(np.uint8)

@@ -1,0 +1,162 @@
+"""Find SAM3 weights (hub id, local folder, offline cache, or the shipped demo model) and load
+them safely: safetensors only, every weight accounted for, errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEMO_MODEL_NAME = "demo"
+DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"
+# What a SAM3 snapshot needs; never *.bin or *.pt, which would be unpickled.
+SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.md"]
+_TRUE = ("1", "true", "yes", "on")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to do about it."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: object  # transformers.Sam3Processor
+    name: str  # what the user asked for: hub id, folder or "demo"
+    folder: Path  # where the files were read from
+    revision: str | None  # hub commit hash, when loaded from the hub cache
+
+
+def offline_requested(offline: bool | None = None) -> bool:
+    """Offline if asked explicitly, or through HF_HUB_OFFLINE / SAM3_OFFLINE."""
+    if offline is not None:
+        return offline
+    return any(os.environ.get(var, "").lower() in _TRUE for var in ("HF_HUB_OFFLINE", "SAM3_OFFLINE"))
+
+
+def resolve_model_folder(
+    name: str | os.PathLike,
+    *,
+    offline: bool | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+) -> tuple[Path, str | None]:
+    """Return (local folder holding config + safetensors, hub revision or None).
+
+    A hub id is fetched into the Hugging Face cache once (`sam3studio download`); afterwards it
+    loads with no network at all when offline.
+    """
+    name = str(name)
+    if name == DEMO_MODEL_NAME:
+        return _demo_folder(), None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; --model takes a folder holding config.json and model.safetensors, or a hub id.")
+        return path, None
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(f"{name}: no such folder, and not a hub id of the form owner/name (e.g. facebook/sam3).")
+    return _hub_snapshot(name, offline=offline_requested(offline), revision=revision, token=token)
+
+
+def _demo_folder() -> Path:
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        raise ModelLoadError(
+            "The demo model is not in this install yet (it is trained by `sam3studio train --preset demo`). "
+            "Use --model with a SAM3 hub id (facebook/sam3) or a local folder meanwhile."
+        )
+    return DEMO_MODEL_DIR, None
+
+
+def _hub_snapshot(repo_id: str, *, offline: bool, revision: str | None, token: str | None) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, revision=revision, token=token, local_files_only=offline, allow_patterns=SNAPSHOT_PATTERNS
+            )
+        )
+    except hub_errors.GatedRepoError:
+        raise ModelLoadError(
+            f"{repo_id} is gated. Request access at https://huggingface.co/{repo_id}, then set HF_TOKEN "
+            "(or run `hf auth login`) and run `sam3studio download` once; later runs work offline."
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id} was not found on the Hugging Face hub. Check the id, or set HF_TOKEN if it is private."
+        ) from None
+    except hub_errors.RevisionNotFoundError:
+        raise ModelLoadError(f"{repo_id} has no revision {revision!r}.") from None
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
+        how = "offline mode is on (HF_HUB_OFFLINE/SAM3_OFFLINE/--offline)" if offline else "the hub could not be reached"
+        raise ModelLoadError(
+            f"{repo_id} is not in the local cache and {how}. Run `sam3studio download {repo_id}` on a machine "
+            "with internet access (same HF_HOME), or pass --model a local folder."
+        ) from None
+    except hub_errors.HfHubHTTPError as exc:
+        raise ModelLoadError(f"Downloading {repo_id} failed: {exc}") from None
+    return folder, folder.name
+
+
+def load_model(
+    name: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    offline: bool | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+) -> LoadedModel:
+    """Load `Sam3Model` and `Sam3Processor` from a hub id, a local folder or "demo"."""
+    from transformers import Sam3Model, Sam3Processor
+
+    folder, hub_revision = resolve_model_folder(name, offline=offline, revision=revision, token=token)
+    _require_safetensors(folder)
+    try:
+        model, info = Sam3Model.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, output_loading_info=True
+        )
+        processor = Sam3Processor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{folder} does not hold a loadable SAM3 model: {exc}") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(
+            f"{folder}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[:3]}); "
+            "it is not a complete SAM3 model."
+        )
+    return LoadedModel(model.to(device).eval(), processor, str(name), folder, hub_revision)
+
+
+def _require_safetensors(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json: not a transformers model folder.")
+    if not any(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = f" It has {', '.join(pickles)}, which would be unpickled; convert it to safetensors first." if pickles else ""
+        raise ModelLoadError(f"{folder} has no .safetensors weights.{hint}")
+
+
+def download_model(name: str, *, revision: str | None = None, token: str | None = None) -> Path:
+    """Fill the local cache with `name` so that later loads work offline."""
+    folder, _ = resolve_model_folder(name, offline=False, revision=revision, token=token)
+    return folder
+
+
+def cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_models() -> list[str]:
+    """Hub ids of the SAM3-looking models in the local cache (for `sam3studio info`)."""
+    root = cache_dir()
+    if not root.is_dir():
+        return []
+    names = [p.name.removeprefix("models--").replace("--", "/") for p in root.glob("models--*")]
+    return sorted(n for n in names if "sam" in n.lower())

@@ -1,0 +1,150 @@
+"""From raw model outputs to the instances a user sees: score threshold, mask threshold,
+refinement, cross-prompt NMS. Runs on cached `RawPrediction`s only, never on the model.
+
+Refinement levels (each includes the ones before it):
+  0  raw: the model's mask logits, upsampled and thresholded; nothing else.
+  1  clean: drop specks and fill pinholes smaller than 1% of the mask's area (at least 16 px).
+  2  smooth: also round off jagged edges with a morphological open and close whose radius grows
+     with the image (0.4% of its diagonal, at least 1 px).
+  3  solid: also keep only the largest connected piece and fill every hole in it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .types import Instance, RawPrediction, Result
+
+REFINE_LEVELS = {0: "raw", 1: "clean", 2: "smooth", 3: "solid"}
+_MIN_SPECK_PX = 16
+
+
+class OptionError(ValueError):
+    """A post-processing option out of range."""
+
+
+def check_options(threshold: float, mask_threshold: float, refine: int, nms_iou: float | None) -> None:
+    """Reject bad options before any work is done."""
+    for name, value, low_open in (("threshold", threshold, False), ("mask_threshold", mask_threshold, True)):
+        if not isinstance(value, (int, float)) or math.isnan(value) or not (0 < value < 1 if low_open else 0 <= value <= 1):
+            bounds = "strictly between 0 and 1" if low_open else "between 0 and 1"
+            raise OptionError(f"{name} must be a number {bounds}; got {value!r}.")
+    if refine not in REFINE_LEVELS:
+        raise OptionError(f"refine must be one of {sorted(REFINE_LEVELS)} ({', '.join(REFINE_LEVELS.values())}); got {refine!r}.")
+    if nms_iou is not None and (not isinstance(nms_iou, (int, float)) or not 0 < nms_iou <= 1):
+        raise OptionError(f"nms_iou must be in (0, 1]; got {nms_iou!r}.")
+
+
+def select(
+    raw: RawPrediction,
+    *,
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    refine: int = 0,
+    nms_iou: float | None = None,
+) -> Result:
+    """Keep queries scoring at least `threshold` (or their prompt's own threshold), binarise
+    their masks at `mask_threshold`, refine them, and optionally suppress duplicates: an
+    instance whose mask overlaps a better-scoring one by IoU >= `nms_iou` is dropped, whatever
+    prompt found it. Instances with empty masks are dropped.
+    """
+    check_options(threshold, mask_threshold, refine, nms_iou)
+    instances: list[Instance] = []
+    logit_cut = math.log(mask_threshold / (1 - mask_threshold))
+    for index, prompt in enumerate(raw.prompts):
+        cut = threshold if prompt.threshold is None else prompt.threshold
+        kept = np.flatnonzero(raw.scores[index] >= cut)
+        kept = kept[np.argsort(-raw.scores[index][kept], kind="stable")]
+        if kept.size == 0:
+            continue
+        masks = upsample_masks(raw.mask_logits[index][kept], raw.image_size) > logit_cut
+        for query, mask in zip(kept, masks):
+            mask = refine_mask(mask, refine)
+            if mask.any():
+                box = mask_box(mask)
+                instances.append(Instance(prompt.label, float(raw.scores[index, query]), box, mask, index))
+    if nms_iou is not None:
+        instances = suppress_duplicates(instances, nms_iou)
+    return Result(
+        instances=instances,
+        image_size=raw.image_size,
+        prompts=raw.prompts,
+        model=raw.model,
+        precision_requested=raw.precision_requested,
+        precision_used=raw.precision_used,
+        fallback_fp32=raw.fallback_fp32,
+        timings_ms=dict(raw.timings_ms),
+    )
+
+
+def upsample_masks(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(K, h, w) low-resolution logits -> (K, H, W) logits, bilinear as transformers does."""
+    tensor = torch.from_numpy(np.ascontiguousarray(logits))[None]
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def refine_mask(mask: np.ndarray, level: int) -> np.ndarray:
+    """Apply refinement `level` (see the module docstring) to one (H, W) bool mask."""
+    if level == 0 or not mask.any():
+        return mask
+    smallest = max(_MIN_SPECK_PX, int(0.01 * mask.sum()))
+    mask = _fill_holes(_remove_small_regions(mask, smallest), max_area=smallest)
+    if level >= 2:
+        radius = max(1, round(0.004 * math.hypot(*mask.shape)))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        smoothed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+        smoothed = cv2.morphologyEx(smoothed, cv2.MORPH_CLOSE, kernel)
+        mask = smoothed.astype(bool) if smoothed.any() else mask  # never smooth an object away
+    if level >= 3:
+        mask = _fill_holes(_largest_region(mask))
+    return mask
+
+
+def _remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_area) + 1
+    return mask & ~np.isin(labels, small) if small.size else mask
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return mask
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def _fill_holes(mask: np.ndarray, max_area: int | None = None) -> np.ndarray:
+    """Fill holes (background not reachable from the image border), all or those < max_area."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    holes = np.setdiff1d(np.arange(1, count), border)
+    if max_area is not None:
+        holes = holes[stats[holes, cv2.CC_STAT_AREA] < max_area]
+    return mask | np.isin(labels, holes) if holes.size else mask
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """Tight box of a non-empty mask, xyxy in pixel edges (x1 = last column + 1)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def suppress_duplicates(instances: list[Instance], iou: float) -> list[Instance]:
+    """Greedy mask NMS over all prompts; the survivors keep their original order."""
+    order = sorted(range(len(instances)), key=lambda i: -instances[i].score)
+    kept: list[int] = []
+    for i in order:
+        if all(mask_iou(instances[i].mask, instances[k].mask) < iou for k in kept):
+            kept.append(i)
+    return [instances[i] for i in sorted(kept)]

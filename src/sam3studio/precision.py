@@ -1,0 +1,275 @@
+"""Which precision a forward pass runs in, and why.
+
+The device decides what is fast. On CUDA, fp16 autocast is the fast path. On a CPU, bf16 is
+fast only where the CPU computes it natively (avx512_bf16 / amx_bf16 on x86, bf16 on ARM):
+elsewhere torch emulates it and a bf16 matmul runs 6-100x slower than fp32. So the mode a user
+asks for is resolved against the hardware into a `PrecisionPlan`, and any change is explained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    AUTO = "auto"
+
+    @classmethod
+    def parse(cls, value: str | Precision) -> Precision:
+        try:
+            return cls(str(value.value if isinstance(value, Precision) else value).lower().strip())
+        except ValueError:
+            options = ", ".join(p.value for p in cls)
+            raise PrecisionError(f"Unknown precision {value!r}: choose one of {options}.") from None
+
+
+class PrecisionError(ValueError):
+    """A precision mode or weight dtype that cannot run here."""
+
+
+DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+# Set to 1 or 0 to override run-time detection (tests use it to exercise both branches).
+NATIVE_BF16_ENV = "SAM3STUDIO_NATIVE_BF16"
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What this CPU is and how it runs bf16.
+
+    native_bf16: bf16 runs in hardware (flags present, a timed matmul within 3x of fp32, not the
+    6-100x slowdown of emulation), so an explicit bf16 request is honoured.
+    bf16_faster: bf16 also beats fp32 here (Zen 4: ~2x), so `auto` picks it. Some CPUs with
+    avx512_bf16 but no AMX run bf16 matmuls at about half the fp32 speed: native, not faster.
+    """
+
+    model: str
+    bf16_flags: tuple[str, ...]
+    native_bf16: bool
+    bf16_faster: bool
+    fp32_gflops: float | None
+    bf16_gflops: float | None
+    source: str  # "timed", "env" or "no-flags"
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    """Detect bf16 support once per process: CPU flags, confirmed by a tiny timed matmul."""
+    model, flags = _read_cpu_flags()
+    bf16_flags = tuple(f for f in _BF16_CPU_FLAGS if f in flags)
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced in ("0", "1"):
+        return CpuInfo(model, bf16_flags, forced == "1", forced == "1", None, None, "env")
+    if not bf16_flags:
+        return CpuInfo(model, bf16_flags, False, False, None, None, "no-flags")
+    fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
+    return CpuInfo(model, bf16_flags, bf16 >= fp32 / 3, bf16 >= 1.15 * fp32, fp32, bf16, "timed")
+
+
+def _read_cpu_flags() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags.update(value.split())
+    return model, flags
+
+
+def _matmul_gflops(dtype: torch.dtype, n: int = 256, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)  # first call pays for kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How one forward pass runs: autocast dtype (None = plain fp32) and the weights' dtype."""
+
+    requested: Precision
+    used: Precision
+    device: torch.device
+    weights_dtype: torch.dtype = torch.float32
+    reason: str = ""  # why `used` differs from `requested`; empty when it does not
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.used is Precision.FP32 else DTYPES[self.used]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context a forward pass runs in; plain fp32 enters no autocast at all."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def describe(self) -> str:
+        text = self.used.value
+        if self.weights_dtype != torch.float32:
+            text += f" (weights {_dtype_name(self.weights_dtype)})"
+        return text
+
+
+def resolve(
+    mode: str | Precision,
+    device: torch.device | str = "cpu",
+    *,
+    force: bool = False,
+    weights_dtype: str | None = None,
+) -> PrecisionPlan:
+    """Map a requested mode onto this device.
+
+    auto: fp16 on CUDA, bf16 on a CPU where it beats fp32, else fp32. An explicit bf16/fp16 that
+    this CPU cannot run fast runs fp32 instead (fp16 runs bf16 where the CPU has native bf16),
+    with `reason` saying why, unless `force` is set.
+    """
+    requested = Precision.parse(mode)
+    device = torch.device(device)
+    if device.type == "cuda":
+        used, reason = _resolve_cuda(requested, force)
+    elif device.type == "cpu":
+        used, reason = _resolve_cpu(requested, force)
+    else:
+        raise PrecisionError(f"Device {device.type!r} is not supported: use cpu or cuda.")
+    weights = _resolve_weights_dtype(weights_dtype, used)
+    return PrecisionPlan(requested, used, device, weights, reason)
+
+
+def _resolve_cuda(requested: Precision, force: bool) -> tuple[Precision, str]:
+    if requested is Precision.AUTO:
+        return Precision.FP16, ""
+    if requested is Precision.BF16 and not force and not torch.cuda.is_bf16_supported():
+        return Precision.FP16, "this GPU has no bf16 support; running fp16"
+    return requested, ""
+
+
+def _resolve_cpu(requested: Precision, force: bool) -> tuple[Precision, str]:
+    cpu = cpu_info()
+    native = cpu.native_bf16
+    if requested is Precision.AUTO:
+        return (Precision.BF16 if cpu.bf16_faster else Precision.FP32), ""
+    if force or requested is Precision.FP32:
+        return requested, ""
+    if requested is Precision.BF16 and native:
+        return Precision.BF16, ""
+    if requested is Precision.FP16 and native:
+        return Precision.BF16, "fp16 matmuls are slow on CPUs; this CPU has native bf16, which saves the same"
+    return Precision.FP32, (
+        f"this CPU has no native bf16 (no {'/'.join(_BF16_CPU_FLAGS[:2])}), where {requested.value} "
+        "runs 6-100x slower than fp32; use --force-precision to run it anyway"
+    )
+
+
+def _resolve_weights_dtype(weights_dtype: str | None, used: Precision) -> torch.dtype:
+    if weights_dtype is None or Precision.parse(weights_dtype) in (Precision.FP32, Precision.AUTO):
+        return torch.float32
+    wanted = Precision.parse(weights_dtype)
+    # Half weights are only usable inside an autocast of the same dtype; when the precision fell
+    # back to fp32 the weights follow it.
+    if used is Precision.FP32:
+        return torch.float32
+    if wanted is not used:
+        raise PrecisionError(f"Weights in {wanted.value} cannot run under {used.value} autocast; use --weights-dtype {used.value}.")
+    return DTYPES[wanted]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k.value for k, v in DTYPES.items()}[dtype]
+
+
+# --- keeping numerically sensitive modules in fp32 -------------------------------------------
+
+# Box regression (and the inverse_sigmoid refinement it feeds), score and presence heads, and
+# the positional encodings whose sines lose their meaning in 8 mantissa bits.
+FP32_MODULE_NAMES = (
+    "detr_decoder.box_head",
+    "detr_decoder.presence_head",
+    "detr_decoder.ref_point_head",
+    "detr_decoder.box_rpb_embed_x",
+    "detr_decoder.box_rpb_embed_y",
+    "dot_product_scoring",
+)
+FP32_MODULE_TYPES = ("Sam3SinePositionEmbedding", "Sam3ViTRotaryEmbedding")
+
+
+def fp32_modules(model: nn.Module) -> Iterator[nn.Module]:
+    for name, module in model.named_modules():
+        if name in FP32_MODULE_NAMES or type(module).__name__ in FP32_MODULE_TYPES:
+            yield module
+
+
+def keep_sensitive_modules_fp32(model: nn.Module) -> int:
+    """Make the numerically sensitive modules compute in fp32 even inside autocast.
+
+    Upstream guards some such regions with a CUDA-only autocast disable, which does nothing on
+    CPU; this wraps each module's forward so that autocast is off for its own device and its
+    floating inputs are upcast. Idempotent. Returns how many modules are wrapped.
+    """
+    count = 0
+    for module in fp32_modules(model):
+        if not getattr(module.forward, "_sam3studio_fp32", False):
+            module.forward = _fp32_forward(module.forward)
+        count += 1
+    return count
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store weights in `dtype`, except the fp32-kept modules, which stay fp32."""
+    model.to(dtype)
+    for module in fp32_modules(model):
+        module.float()
+
+
+def _fp32_forward(forward: Callable) -> Callable:
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        device_type = _first_tensor_device(args, kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return forward(*_to_fp32(args), **_to_fp32(kwargs))
+
+    wrapper._sam3studio_fp32 = True
+    return wrapper
+
+
+def _first_tensor_device(args: tuple, kwargs: dict) -> str:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
+def _to_fp32(value):
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_to_fp32(v) for v in value)
+    if isinstance(value, list):
+        return [_to_fp32(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_fp32(v) for k, v in value.items()}
+    return value
+
+
+def all_finite(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)

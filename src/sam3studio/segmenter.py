@@ -1,0 +1,349 @@
+"""The Segmenter: encode an image once, then answer any number of prompts against it.
+
+    seg = load_segmenter("facebook/sam3", precision="auto")
+    result = seg.segment("photo.jpg", "red car, dog", threshold=0.5)
+
+Image encodings and text embeddings are cached (LRU), and all prompts of a call run in one
+batched forward pass of the detector against the cached encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import postprocess
+from .images import ImageInput, load_image
+from .loading import LoadedModel, load_model
+from .precision import (
+    Precision,
+    PrecisionError,
+    PrecisionPlan,
+    all_finite,
+    cast_weights,
+    keep_sensitive_modules_fp32,
+    resolve,
+)
+from .prompts import PromptsInput, Sam3Warning, attach_boxes, parse_prompts
+from .types import Prompt, RawPrediction, Result
+
+MAX_TEXT_TOKENS = 32  # SAM3's text encoder has 32 positions, start and end tokens included
+BOX_ONLY_TEXT = "visual"  # the text transformers pairs with box-only prompts
+
+
+class LruCache:
+    """A small least-recently-used map; the Segmenter's lock guards it."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, object] = OrderedDict()
+
+    def get(self, key: Hashable):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: Hashable, value: object) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class EncodedImage:
+    """An image's vision features, ready for any prompt. Tensors stay on the model's device."""
+
+    key: tuple
+    image_size: tuple[int, int]  # (height, width)
+    fpn_hidden_states: tuple[torch.Tensor, ...]
+    fpn_position_encoding: tuple[torch.Tensor, ...]
+
+    def expanded(self, batch: int):
+        """The encoding repeated for `batch` prompts, as views: no copy of the features."""
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        def grow(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return tuple(t.expand(batch, *t.shape[1:]) for t in tensors)
+
+        return Sam3VisionEncoderOutput(
+            fpn_hidden_states=grow(self.fpn_hidden_states), fpn_position_encoding=grow(self.fpn_position_encoding)
+        )
+
+
+class Segmenter:
+    """SAM3 for text and box prompts, with a precision plan and caches. Thread-safe."""
+
+    def __init__(self, loaded: LoadedModel, plan: PrecisionPlan, *, force_precision: bool = False, cache_size: int = 8):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.device = plan.device
+        self.default_plan = plan
+        self.force_precision = force_precision
+        self.weights_dtype = plan.weights_dtype
+        self.counters = {"image_encodings": 0, "text_encodings": 0, "forward_passes": 0, "fp32_fallbacks": 0}
+        self._lock = threading.RLock()
+        self._images = LruCache(cache_size)
+        self._texts = LruCache(512)
+        self._predictions = LruCache(4 * cache_size)
+        self._plans: dict[str, PrecisionPlan] = {plan.requested.value: plan}
+        keep_sensitive_modules_fp32(self.model)
+        if self.weights_dtype != torch.float32:
+            cast_weights(self.model, self.weights_dtype)
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        size = self.processor.image_processor.mask_size
+        return (size["height"], size["width"])
+
+    def plan_for(self, precision: str | Precision | None) -> PrecisionPlan:
+        """The plan for a per-call precision; weights stay in the dtype they were loaded in."""
+        if precision is None:
+            return self.default_plan
+        key = Precision.parse(precision).value
+        if key not in self._plans:
+            plan = resolve(key, self.device, force=self.force_precision)
+            if self.weights_dtype != torch.float32 and plan.autocast_dtype != self.weights_dtype:
+                raise PrecisionError(
+                    f"This model was loaded with {self.default_plan.describe()} weights, which cannot run {plan.used.value}; "
+                    "load it again with --weights-dtype fp32 to switch precision per request."
+                )
+            self._plans[key] = PrecisionPlan(plan.requested, plan.used, plan.device, self.weights_dtype, plan.reason)
+        return self._plans[key]
+
+    # --- the public calls ------------------------------------------------------------------
+
+    def segment(
+        self,
+        image: ImageInput,
+        prompts: PromptsInput | None = None,
+        *,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        refine: int = 0,
+        nms_iou: float | None = None,
+        precision: str | Precision | None = None,
+        boxes: Sequence[Sequence[float]] | None = None,
+        box_labels: Sequence[int] | None = None,
+    ) -> Result:
+        """Find every object matching each prompt. See `predict` for the inputs and
+        `postprocess.select` for threshold, mask_threshold, refine and nms_iou."""
+        postprocess.check_options(threshold, mask_threshold, refine, nms_iou)
+        raw = self.predict(image, prompts, precision=precision, boxes=boxes, box_labels=box_labels)
+        return postprocess.select(raw, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms_iou)
+
+    def predict(
+        self,
+        image: ImageInput,
+        prompts: PromptsInput | None = None,
+        *,
+        precision: str | Precision | None = None,
+        boxes: Sequence[Sequence[float]] | None = None,
+        box_labels: Sequence[int] | None = None,
+    ) -> RawPrediction:
+        """Run the model (or reuse its cached outputs) for an image and its prompts.
+
+        image: path, bytes, PIL image or (H, W, 3) uint8 array. prompts: "red car, dog",
+        ["red car", "dog"], {"dog": 0.3} or `Prompt`s. boxes: exemplar boxes xyxy in pixels,
+        applied to every text prompt (or alone when no text is given); box_labels: 1 positive,
+        0 negative (default all positive).
+        """
+        started = time.perf_counter()
+        rgb = load_image(image)
+        prompt_list = attach_boxes(parse_prompts(prompts, boxes_given=bool(boxes)), boxes, box_labels)
+        plan = self.plan_for(precision)
+        if plan.reason:
+            warnings.warn(f"{plan.requested.value} -> {plan.used.value}: {plan.reason}.", Sam3Warning, stacklevel=2)
+        with self._lock:
+            key = (_image_digest(rgb), tuple(prompt_list), plan.used, plan.weights_dtype)
+            cached = self._predictions.get(key)
+            if cached is not None:
+                return cached
+            raw = self._run(rgb, prompt_list, plan)
+            raw.timings_ms["decode_image"] = 0.0
+            raw.timings_ms["total"] = (time.perf_counter() - started) * 1000
+            self._predictions.put(key, raw)
+            return raw
+
+    def encode_image(self, image: ImageInput, precision: str | Precision | None = None) -> EncodedImage:
+        """Vision features of an image, computed once per (content, precision, input size)."""
+        rgb = load_image(image)
+        with self._lock:
+            return self._encode(rgb, self.plan_for(precision))
+
+    # --- the model passes ------------------------------------------------------------------
+
+    def _run(self, rgb: np.ndarray, prompts: list[Prompt], plan: PrecisionPlan) -> RawPrediction:
+        timings: dict[str, float] = {}
+        outputs = self._forward(rgb, prompts, plan, timings)
+        fallback = False
+        if plan.used is not Precision.FP32 and not all_finite(*outputs):
+            warnings.warn(
+                f"{plan.used.value} produced non-finite outputs; running this image again in fp32.", Sam3Warning, stacklevel=3
+            )
+            fallback = True
+            self.counters["fp32_fallbacks"] += 1
+            outputs = self._forward_fp32(rgb, prompts, plan, timings)
+        scores, boxes, masks = outputs
+        height, width = rgb.shape[:2]
+        boxes = boxes * torch.tensor([width, height, width, height], dtype=boxes.dtype)
+        return RawPrediction(
+            image_size=(height, width),
+            prompts=prompts,
+            scores=scores.numpy(),
+            boxes=boxes.numpy(),
+            mask_logits=masks.numpy(),
+            model=self.model_name,
+            precision_requested=plan.requested.value,
+            precision_used=Precision.FP32.value if fallback else plan.used.value,
+            fallback_fp32=fallback,
+            timings_ms=timings,
+        )
+
+    def _forward_fp32(self, rgb, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
+        fp32 = PrecisionPlan(plan.requested, Precision.FP32, plan.device)
+        if self.weights_dtype == torch.float32:
+            return self._forward(rgb, prompts, fp32, timings)
+        # bf16/fp16 -> fp32 -> bf16/fp16 is exact, so upcasting for one pass loses nothing.
+        self.model.float()
+        try:
+            return self._forward(rgb, prompts, fp32, timings)
+        finally:
+            cast_weights(self.model, self.weights_dtype)
+
+    def _forward(self, rgb, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
+        """One pass: (scores (P, Q), normalised xyxy boxes (P, Q, 4), mask logits (P, Q, h, w)),
+        all float32 on the CPU."""
+        start = time.perf_counter()
+        encoded = self._encode(rgb, plan)
+        timings["encode_image"] = (time.perf_counter() - start) * 1000
+
+        start = time.perf_counter()
+        text_embeds, text_mask = self._encode_texts([p.text or BOX_ONLY_TEXT for p in prompts], plan)
+        input_boxes, input_labels = self._box_tensors(prompts, encoded.image_size)
+        timings["encode_text"] = (time.perf_counter() - start) * 1000
+
+        start = time.perf_counter()
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        with torch.inference_mode(), plan.autocast():
+            out = self.model(
+                vision_embeds=encoded.expanded(len(prompts)),
+                text_embeds=BaseModelOutputWithPooling(pooler_output=text_embeds),
+                attention_mask=text_mask,
+                input_boxes=input_boxes,
+                input_boxes_labels=input_labels,
+            )
+        self.counters["forward_passes"] += 1
+        scores = out.pred_logits.float().sigmoid() * out.presence_logits.float().sigmoid()
+        result = tuple(t.float().cpu() for t in (scores, out.pred_boxes, out.pred_masks))
+        _synchronize(plan.device)
+        timings["detect"] = (time.perf_counter() - start) * 1000
+        return result
+
+    def _encode(self, rgb: np.ndarray, plan: PrecisionPlan) -> EncodedImage:
+        size = self.processor.image_processor.size
+        key = (_image_digest(rgb), plan.used, plan.weights_dtype, size["height"], size["width"])
+        encoded = self._images.get(key)
+        if encoded is None:
+            pixels = self.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"].to(self.device)
+            with torch.inference_mode(), plan.autocast():
+                vision = self.model.get_vision_features(pixel_values=pixels)
+            encoded = EncodedImage(key, rgb.shape[:2], tuple(vision.fpn_hidden_states), tuple(vision.fpn_position_encoding))
+            _synchronize(plan.device)
+            self.counters["image_encodings"] += 1
+            self._images.put(key, encoded)
+        return encoded
+
+    def _encode_texts(self, texts: list[str], plan: PrecisionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings (P, 32, D) and attention mask (P, 32), from cache where possible."""
+        missing = [t for t in dict.fromkeys(texts) if self._texts.get((t, plan.used)) is None]
+        if missing:
+            tokens = self._tokenize(missing)
+            with torch.inference_mode(), plan.autocast():
+                embeds = self.model.get_text_features(**tokens).pooler_output
+            for i, text in enumerate(missing):
+                self._texts.put((text, plan.used), (embeds[i : i + 1], tokens["attention_mask"][i : i + 1]))
+            self.counters["text_encodings"] += len(missing)
+        pairs = [self._texts.get((t, plan.used)) for t in texts]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        for text in texts:
+            count = len(tokenizer(text)["input_ids"])
+            if count > MAX_TEXT_TOKENS:
+                warnings.warn(
+                    f"Prompt {text[:40]!r}... is {count} tokens; SAM3 reads the first {MAX_TEXT_TOKENS}, the rest is cut.",
+                    Sam3Warning,
+                    stacklevel=5,
+                )
+        tokens = tokenizer(texts, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt")
+        return {"input_ids": tokens["input_ids"].to(self.device), "attention_mask": tokens["attention_mask"].to(self.device)}
+
+    def _box_tensors(self, prompts: list[Prompt], image_size: tuple[int, int]):
+        """Exemplar boxes as the model takes them: (P, N, 4) normalised cxcywh, labels (P, N)
+        with -10 marking padding. None when no prompt has boxes."""
+        most = max(len(p.boxes) for p in prompts)
+        if most == 0:
+            return None, None
+        height, width = image_size
+        boxes = torch.zeros(len(prompts), most, 4)
+        labels = torch.full((len(prompts), most), -10, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            for j, (x0, y0, x1, y1) in enumerate(prompt.boxes):
+                boxes[i, j] = torch.tensor([(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height])
+                labels[i, j] = prompt.box_labels[j] if prompt.box_labels else 1
+        return boxes.to(self.device), labels.to(self.device)
+
+
+def load_segmenter(
+    model: str = "demo",
+    *,
+    precision: str | Precision = "auto",
+    device: str = "auto",
+    weights_dtype: str | None = None,
+    force_precision: bool = False,
+    offline: bool | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_size: int = 8,
+) -> Segmenter:
+    """Load a SAM3 model (hub id, local folder or "demo") and wrap it in a Segmenter.
+
+    precision: fp32 | fp16 | bf16 | auto, resolved against the device (see `precision.resolve`).
+    weights_dtype: store weights in bf16/fp16 to halve their memory (needs that autocast).
+    """
+    torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    plan = resolve(precision, torch_device, force=force_precision, weights_dtype=weights_dtype)
+    loaded = load_model(model, device=torch_device, offline=offline, revision=revision, token=token)
+    return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size)
+
+
+def _image_digest(rgb: np.ndarray) -> str:
+    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+    digest.update(str(rgb.shape).encode())
+    return digest.hexdigest()
+
+
+def _synchronize(device: torch.device) -> None:
+    """CUDA runs asynchronously: wait for it so that timings measure the work, not the launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
