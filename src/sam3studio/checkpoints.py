@@ -71,7 +71,7 @@ def tiny_config(vocab_size: int, image_size: int = 112):
     )
 
 
-def build_random_checkpoint(folder: str | Path, size: str = "tiny", *, seed: int = 0, init_std: float | None = 0.3) -> Path:
+def build_random_checkpoint(folder: str | Path, size: str = "tiny", *, seed: int = 0, init_std: float | None = 0.15) -> Path:
     """Write a random-weight SAM3 checkpoint of `size` ("tiny" or "full") to `folder`.
 
     init_std: redraw every weight matrix from N(0, init_std) so that a tiny model's scores and

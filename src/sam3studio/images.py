@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB of RGB: enough for any camera
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")  # never EPS/PS (Ghostscript)
+Image.init()  # register every plugin now, so the allow-list below can be checked against them
+# Never EPS/PS (decoded by Ghostscript) or other exotic decoders; formats this Pillow lacks are left out.
+ALLOWED_FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO") if f in Image.OPEN)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
@@ -104,7 +106,8 @@ def _array_to_rgb(array: np.ndarray, name: str, max_pixels: int) -> np.ndarray:
         array = np.repeat(array.reshape(array.shape[0], array.shape[1], 1), 3, axis=2)
     elif array.shape[2] == 4:
         array = _flatten_alpha(array)
-    return np.ascontiguousarray(array)
+    # Arrays viewed from PIL images are read-only; torch warns on those and callers may edit.
+    return np.array(array, copy=not array.flags.writeable or not array.flags.c_contiguous, order="C")
 
 
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:

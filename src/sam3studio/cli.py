@@ -1,0 +1,235 @@
+"""The `sam3studio` command: segment, download, info. A thin shell over the library."""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="sam3studio",
+    help="Text-prompted segmentation with SAM3: every object matching 'red car, dog' as a mask with a score.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".mpo"}
+
+PRECISION_HELP = (
+    "fp32 | fp16 | bf16 | auto. auto = fp16 on CUDA, bf16 on a CPU where bf16 beats fp32 "
+    "(e.g. AMD Zen 4), else fp32. On a CPU without native bf16 (e.g. AMD Zen 3, AVX2 only) an "
+    "explicit bf16 or fp16 runs fp32 instead, with a warning, since it would be 6-100x slower; "
+    "on a CPU with native bf16, fp16 runs as bf16. --force-precision runs exactly what you ask."
+)
+
+
+class CliError(Exception):
+    """An error to print as one line and exit with status 2."""
+
+
+@app.command()
+def segment(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns ('photos/*.jpg').")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to find, comma-separated: 'red car, dog'. 'dog:0.3' sets that prompt's threshold.")] = "",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; nothing is written outside it.")] = Path("out"),
+    model: Annotated[str, typer.Option(help="Hub id (facebook/sam3), local folder, or 'demo'.", envvar="SAM3_MODEL")] = "demo",
+    threshold: Annotated[float, typer.Option(help="Keep objects scoring at least this (0-1).")] = 0.5,
+    mask_threshold: Annotated[float, typer.Option(help="Pixel probability above which a pixel is in the mask.")] = 0.5,
+    refine: Annotated[int, typer.Option(help="Mask refinement: 0 raw, 1 clean specks and pinholes, 2 also smooth edges, 3 also one solid piece.")] = 0,
+    nms: Annotated[Optional[float], typer.Option(help="Drop an object overlapping a better-scoring one by this IoU or more (same object found by two prompts).")] = None,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP, envvar="SAM3_PRECISION")] = "auto",
+    force_precision: Annotated[bool, typer.Option("--force-precision", help="Run the precision asked for even where it is slow.")] = False,
+    weights_dtype: Annotated[str, typer.Option(help="fp32, or bf16/fp16 to store weights in half precision (half the memory; needs that precision).")] = "fp32",
+    box: Annotated[Optional[list[str]], typer.Option(help="Exemplar box 'x0,y0,x1,y1' in pixels (repeatable): find objects like it.")] = None,
+    negative_box: Annotated[Optional[list[str]], typer.Option(help="Box 'x0,y0,x1,y1' of something NOT to match (repeatable).")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="Comma-separated: json (COCO RLE), png (masks + overlay), polygons, coco (one dataset file).")] = "json",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network; use the local cache (also HF_HUB_OFFLINE=1).")] = False,
+) -> None:
+    """Segment images from text prompts (and/or exemplar boxes); write JSON/PNG/polygons/COCO to --out."""
+    from . import export, load_image, load_segmenter
+    from .postprocess import check_options
+    from .prompts import parse_prompts
+
+    formats = _parse_formats(output_format)
+    check_options(threshold, mask_threshold, refine, nms)
+    with warnings.catch_warnings():  # warnings are shown once, when the prompts run
+        warnings.simplefilter("ignore")
+        parse_prompts(prompt, boxes_given=bool(box or negative_box))  # fail before loading the model
+    boxes, negatives = _parse_boxes(box or []), _parse_boxes(negative_box or [])
+    all_boxes = boxes + negatives
+    all_labels = [1] * len(boxes) + [0] * len(negatives)
+    files = _expand_inputs(inputs)
+    seg = load_segmenter(
+        model, precision=precision, device=device, weights_dtype=weights_dtype, force_precision=force_precision, offline=offline or None
+    )
+    coco = export.CocoDatasetWriter() if "coco" in formats else None
+    failures: list[str] = []
+    stems: set[str] = set()
+    with _progress(len(files)) as progress:
+        task = progress.add_task("segmenting", total=len(files))
+        for file in files:
+            try:
+                image = load_image(file)
+                result = seg.segment(
+                    image, prompt, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms,
+                    boxes=all_boxes or None, box_labels=all_labels or None,
+                )
+                stem = _unique_stem(export.safe_stem(file.name), stems)
+                export.write_result(result, image, file.name, out, stem, formats)
+                if coco is not None:
+                    coco.add(result, file.name)
+                _report(result, file, quiet=len(files) > 1)
+            except (ValueError, OSError) as exc:
+                failures.append(f"{file}: {exc}")
+                console.print(f"[red]skipped[/red] {exc}")
+            progress.advance(task)
+    if coco is not None:
+        coco.write(out)
+    console.print(f"{len(files) - len(failures)} of {len(files)} images segmented; results in {out.resolve()}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def download(
+    model: Annotated[str, typer.Argument(help="Hub id, e.g. facebook/sam3 (gated: request access on its page first).")] = "facebook/sam3",
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit.")] = None,
+) -> None:
+    """Fetch a model into the local Hugging Face cache once, so later runs work offline."""
+    from .loading import download_model
+
+    folder = download_model(model, revision=revision, token=os.environ.get("HF_TOKEN"))
+    console.print(f"{model} is cached in {folder}; run with --offline or HF_HUB_OFFLINE=1 from now on.")
+
+
+@app.command()
+def info() -> None:
+    """Show the device, its bf16 support, what each precision runs as, versions and the model cache."""
+    import torch
+    import transformers
+
+    from .loading import DEMO_MODEL_DIR, cache_dir, cached_models
+    from .precision import Precision, cpu_info, resolve
+
+    cpu = cpu_info()
+    table = Table(show_header=False, box=None)
+    table.add_row("sam3studio", _version())
+    table.add_row("python / torch / transformers", f"{platform.python_version()} / {torch.__version__} / {transformers.__version__}")
+    table.add_row("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available")
+    table.add_row("cpu", f"{cpu.model}, {torch.get_num_threads()} threads")
+    table.add_row("cpu bf16 flags", ", ".join(cpu.bf16_flags) or "none")
+    speeds = f" (matmul fp32 {cpu.fp32_gflops:.0f} vs bf16 {cpu.bf16_gflops:.0f} GFLOP/s)" if cpu.fp32_gflops else ""
+    table.add_row("native bf16", f"{'yes' if cpu.native_bf16 else 'no'}, faster than fp32: {'yes' if cpu.bf16_faster else 'no'}{speeds} [{cpu.source}]")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for mode in Precision:
+        plan = resolve(mode, device)
+        table.add_row(f"--precision {mode.value}", f"runs {plan.used.value} on {device}" + (f" ({plan.reason})" if plan.reason else ""))
+    table.add_row("model cache", str(cache_dir()))
+    table.add_row("cached SAM models", ", ".join(cached_models()) or "none")
+    table.add_row("demo model", str(DEMO_MODEL_DIR) if (DEMO_MODEL_DIR / "config.json").is_file() else "not installed yet")
+    Console().print(table)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _parse_formats(text: str) -> list[str]:
+    from .export import FORMATS
+
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise CliError(f"Unknown --format {', '.join(unknown) or text!r}: choose from {', '.join(FORMATS)}.")
+    return formats
+
+
+def _parse_boxes(texts: list[str]) -> list[list[float]]:
+    boxes = []
+    for text in texts:
+        try:
+            values = [float(v) for v in text.replace(" ", "").split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise CliError(f"Box {text!r} must be four numbers 'x0,y0,x1,y1'.")
+        boxes.append(values)
+    return boxes
+
+
+def _expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given; folders -> their images (sorted); globs -> matches. Missing -> error."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.exists() or not glob.has_magic(item):
+            files.append(path)  # a missing file is reported per image, like a broken one
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise CliError(f"No file matches {item!r}.")
+            files += matches
+    if not files:
+        raise CliError("No images to segment: the folders given hold no image files.")
+    return list(dict.fromkeys(files))
+
+
+def _unique_stem(stem: str, taken: set[str]) -> str:
+    candidate, n = stem, 1
+    while candidate in taken:
+        candidate, n = f"{stem}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _progress(total: int) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, disable=total <= 1 or not console.is_terminal and not os.environ.get("SAM3_PROGRESS"),
+    )
+
+
+def _report(result, file: Path, *, quiet: bool) -> None:
+    found = ", ".join(f"{i.label} {i.score:.2f}" for i in result.instances) or "nothing above the threshold"
+    if quiet:
+        return
+    timing = result.timings_ms.get("total", 0.0)
+    console.print(f"{file.name}: {len(result.instances)} found ({found}) in {timing:.0f} ms, {result.precision_used}")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def main() -> None:
+    """Entry point: run the app and turn the library's errors into one-line messages."""
+    from . import ImageError, ModelLoadError, OptionError, PrecisionError, PromptError
+
+    warnings.showwarning = _show_warning
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        app()
+    except (CliError, ModelLoadError, PrecisionError, PromptError, OptionError, ImageError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

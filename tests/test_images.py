@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import encode
+from sam3studio.images import ImageError, load_image
+
+
+def test_rgb_png_round_trips_exactly(scene):
+    assert np.array_equal(load_image(encode(Image.fromarray(scene), "PNG")), scene)
+
+
+def test_path_and_array_inputs(tmp_path, scene):
+    path = tmp_path / "scene.png"
+    Image.fromarray(scene).save(path)
+    from_path = load_image(path)
+    assert from_path.shape == (90, 130, 3) and from_path.dtype == np.uint8
+    assert from_path.flags.writeable
+    assert np.array_equal(load_image(scene), scene)
+
+
+def test_exif_rotation_is_applied():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    decoded = load_image(encode(image, "JPEG", exif=exif))
+    assert decoded.shape == (40, 20, 3)  # portrait, as a viewer shows it
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1", "LA"])
+def test_odd_modes_become_rgb(mode):
+    image = Image.new("RGB", (16, 12), (200, 100, 50)).convert(mode)
+    decoded = load_image(encode(image, "TIFF" if mode == "CMYK" else "PNG"))
+    assert decoded.shape == (12, 16, 3) and decoded.dtype == np.uint8
+
+
+def test_rgba_is_composited_over_white():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent except one pixel
+    rgba[0, 0, 3] = 255
+    decoded = load_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert tuple(decoded[0, 0]) == (255, 0, 0)
+    assert tuple(decoded[1, 1]) == (255, 255, 255)
+
+
+def test_palette_with_transparency():
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    image.info["transparency"] = 0
+    image.putpixel((1, 1), 1)
+    decoded = load_image(encode(image, "PNG", transparency=0))
+    assert tuple(decoded[1, 1]) == (0, 255, 0) and tuple(decoded[0, 0]) == (255, 255, 255)
+
+
+def test_16_bit_is_scaled_not_clipped():
+    values = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    decoded = load_image(encode(Image.fromarray(values), "PNG"))
+    assert decoded[0, :, 0].tolist() == [0, 128, 255]
+    assert load_image(values)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_animated_gif_gives_first_frame():
+    frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert load_image(data)[5, 5, 0] > 200
+
+
+def test_truncated_file_names_the_file(tmp_path, scene):
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(encode(Image.fromarray(scene), "JPEG")[:300])
+    with pytest.raises(ImageError, match="cut.jpg.*(damaged|truncated)"):
+        load_image(path)
+
+
+def test_non_image_and_missing_file(tmp_path):
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("hello")
+    with pytest.raises(ImageError, match="notes.png: not an image"):
+        load_image(bogus)
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "absent.png")
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    huge = encode(Image.new("L", (6000, 5000)), "PNG")  # 30 MP, compresses to a few KB
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(huge, name="bomb.png", max_pixels=10_000_000)
+
+
+def test_eps_is_not_decoded():
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", name="x.eps")
+
+
+def test_bad_arrays():
+    with pytest.raises(ImageError, match="shape"):
+        load_image(np.zeros((4, 4, 2), dtype=np.uint8))
+    with pytest.raises(ImageError, match="NaN"):
+        load_image(np.full((4, 4, 3), np.nan, dtype=np.float32))
+    with pytest.raises(ImageError, match="empty"):
+        load_image(np.zeros((0, 4, 3), dtype=np.uint8))

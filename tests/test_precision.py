@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from sam3studio import precision as P
+from sam3studio.precision import Precision, PrecisionError, resolve
+
+
+@pytest.fixture
+def cpu_with(monkeypatch):
+    """Force the detected CPU capability either way, whatever this machine is."""
+
+    def force(native: bool, faster: bool | None = None):
+        info = P.CpuInfo("test cpu", ("avx512_bf16",) if native else (), native, native if faster is None else faster, None, None, "test")
+        monkeypatch.setattr(P, "cpu_info", lambda: info)
+
+    return force
+
+
+def test_detection_is_consistent_with_flags():
+    info = P.cpu_info()
+    assert info.source in ("timed", "env", "no-flags")
+    if info.source == "no-flags":
+        assert not info.native_bf16 and not info.bf16_flags
+    if info.bf16_faster:
+        assert info.native_bf16
+
+
+def test_env_override(monkeypatch):
+    P.cpu_info.cache_clear()
+    try:
+        monkeypatch.setenv(P.NATIVE_BF16_ENV, "0")
+        assert P.cpu_info().native_bf16 is False
+        P.cpu_info.cache_clear()
+        monkeypatch.setenv(P.NATIVE_BF16_ENV, "1")
+        assert P.cpu_info().native_bf16 is True
+    finally:
+        P.cpu_info.cache_clear()
+
+
+def test_cpu_without_native_bf16(cpu_with):
+    cpu_with(native=False)
+    assert resolve("auto").used is Precision.FP32
+    for mode in ("bf16", "fp16"):
+        plan = resolve(mode)
+        assert plan.used is Precision.FP32 and plan.requested.value == mode
+        assert "no native bf16" in plan.reason and "--force-precision" in plan.reason
+    forced = resolve("bf16", force=True)
+    assert forced.used is Precision.BF16 and forced.reason == ""
+
+
+def test_cpu_with_fast_native_bf16(cpu_with):
+    cpu_with(native=True)
+    assert resolve("auto").used is Precision.BF16
+    assert resolve("bf16").used is Precision.BF16
+    fp16 = resolve("fp16")
+    assert fp16.used is Precision.BF16 and "fp16" in fp16.reason
+    assert resolve("fp16", force=True).used is Precision.FP16
+
+
+def test_cpu_with_native_but_slower_bf16(cpu_with):
+    cpu_with(native=True, faster=False)
+    assert resolve("auto").used is Precision.FP32  # auto picks the faster mode
+    assert resolve("bf16").used is Precision.BF16  # an explicit request is honoured
+
+
+def test_cuda_plans_do_not_need_a_gpu():
+    plan = resolve("auto", "cuda")
+    assert plan.used is Precision.FP16 and plan.autocast_dtype is torch.float16
+    assert resolve("fp32", "cuda").autocast_dtype is None
+
+
+def test_unknown_precision_and_device():
+    with pytest.raises(PrecisionError, match="choose one of fp32, fp16, bf16, auto"):
+        resolve("fp64")
+    with pytest.raises(PrecisionError, match="not supported"):
+        resolve("fp32", "mps")
+
+
+def test_weights_dtype(cpu_with):
+    cpu_with(native=True)
+    assert resolve("bf16", weights_dtype="bf16").weights_dtype is torch.bfloat16
+    with pytest.raises(PrecisionError, match="cannot run"):
+        resolve("bf16", weights_dtype="fp16")
+    cpu_with(native=False)
+    assert resolve("bf16", weights_dtype="bf16").weights_dtype is torch.float32  # follows the fp32 fallback
+
+
+def test_sensitive_modules_compute_in_fp32_under_cpu_autocast(segmenter):
+    head = segmenter.model.detr_decoder.box_head
+    x = torch.randn(3, head.layer1.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(x).dtype is torch.float32
+        assert segmenter.model.detr_decoder.layers[0].self_attn.q_proj(x).dtype is torch.bfloat16
+    assert P.keep_sensitive_modules_fp32(segmenter.model) >= len(P.FP32_MODULE_NAMES)

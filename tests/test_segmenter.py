@@ -1,0 +1,154 @@
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sam3studio import PromptError, Sam3Warning, load_segmenter
+from sam3studio.postprocess import mask_iou, select
+
+
+def test_segment_returns_masks_in_image_pixels(segmenter, scene):
+    result = segmenter.segment(scene, "red square, blue square", threshold=0.0)
+    assert result.image_size == (90, 130)
+    assert result.instances, "threshold 0 keeps every query with a non-empty mask"
+    for inst in result.instances:
+        assert inst.mask.shape == (90, 130) and inst.mask.dtype == bool
+        x0, y0, x1, y1 = inst.box
+        assert 0 <= x0 < x1 <= 130 and 0 <= y0 < y1 <= 90
+        assert inst.label in ("red square", "blue square")
+    order = [(i.prompt_index, -i.score) for i in result.instances]
+    assert order == sorted(order), "prompt order, then score descending"
+    assert result.precision_requested == "fp32" and result.precision_used == "fp32" and not result.fallback_fp32
+    assert {"encode_image", "encode_text", "detect", "total"} <= result.timings_ms.keys()
+
+
+def test_threshold_filters_by_score(segmenter, scene):
+    raw = segmenter.predict(scene, "red square")
+    cut = float(np.median(raw.scores[0]))
+    kept = select(raw, threshold=cut)
+    assert all(i.score >= cut for i in kept.instances)
+    assert len(kept.instances) <= int((raw.scores[0] >= cut).sum())
+    assert len(select(raw, threshold=1.0).instances) == 0
+
+
+def test_per_prompt_threshold_overrides_the_call(segmenter, scene):
+    result = segmenter.segment(scene, "red square:0.0, blue square", threshold=1.0)
+    assert result.instances and {i.label for i in result.instances} == {"red square"}
+
+
+def test_image_encoded_once_across_prompts(fresh_segmenter, scene):
+    seg = fresh_segmenter
+    seg.segment(scene, "red square")
+    seg.segment(scene, "blue square")
+    seg.segment(scene.copy(), "red square, blue square")
+    assert seg.counters["image_encodings"] == 1
+    assert seg.counters["text_encodings"] == 2, "each text is embedded once"
+    seg.segment(scene[:, ::-1], "red square")
+    assert seg.counters["image_encodings"] == 2, "different content, new encoding"
+
+
+def test_threshold_and_refinement_changes_reuse_model_outputs(fresh_segmenter, scene):
+    seg = fresh_segmenter
+    seg.segment(scene, "red square", threshold=0.1)
+    passes = seg.counters["forward_passes"]
+    for threshold, refine in ((0.2, 0), (0.0, 1), (0.3, 3)):
+        seg.segment(scene, "red square", threshold=threshold, refine=refine)
+    assert seg.counters["forward_passes"] == passes
+
+
+def test_batched_prompts_match_one_by_one(segmenter, fresh_segmenter, scene):
+    prompts = ["red square", "blue square", "a small dog", "background"]
+    batched = segmenter.predict(scene, prompts)
+    for index, text in enumerate(prompts):
+        single = fresh_segmenter.predict(scene, [text])
+        np.testing.assert_allclose(single.scores[0], batched.scores[index], atol=1e-5)
+        np.testing.assert_allclose(single.mask_logits[0], batched.mask_logits[index], atol=1e-4)
+        np.testing.assert_allclose(single.boxes[0], batched.boxes[index], atol=1e-3)
+
+
+def test_bf16_agrees_with_fp32(tiny_checkpoint, segmenter, scene):
+    bf16 = load_segmenter(str(tiny_checkpoint), precision="bf16", force_precision=True, device="cpu")
+    ref, low = segmenter.predict(scene, "red square, blue square"), bf16.predict(scene, "red square, blue square")
+    assert low.precision_used == "bf16"
+    assert np.abs(ref.scores - low.scores).max() < 0.03
+    agreement = ((ref.mask_logits > 0) == (low.mask_logits > 0)).mean()
+    assert agreement > 0.97, agreement
+
+
+def test_half_weights_keep_sensitive_modules_fp32(tiny_checkpoint, segmenter, scene):
+    seg = load_segmenter(str(tiny_checkpoint), precision="bf16", weights_dtype="bf16", force_precision=True, device="cpu")
+    assert seg.model.vision_encoder.backbone.layers[0].mlp.fc1.weight.dtype is torch.bfloat16
+    assert seg.model.detr_decoder.box_head.layer1.weight.dtype is torch.float32
+    low, ref = seg.predict(scene, "red square"), segmenter.predict(scene, "red square")
+    assert ((ref.mask_logits > 0) == (low.mask_logits > 0)).mean() > 0.95
+    with pytest.raises(Exception, match="weights"):
+        seg.segment(scene, "red square", precision="fp32")
+
+
+def test_non_finite_half_precision_falls_back_to_fp32(tiny_checkpoint, scene):
+    seg = load_segmenter(str(tiny_checkpoint), precision="fp16", force_precision=True, device="cpu")
+    with torch.no_grad():  # activations past fp16's 65504 overflow; fp32 and LayerNorm cope
+        seg.model.vision_encoder.backbone.embeddings.patch_embeddings.projection.weight.mul_(1e5)
+    with pytest.warns(Sam3Warning, match="non-finite"):
+        result = seg.segment(scene, "red square", threshold=0.0)
+    assert result.fallback_fp32 and result.precision_used == "fp32" and result.precision_requested == "fp16"
+    assert seg.counters["fp32_fallbacks"] == 1
+    assert all(np.isfinite(i.score) for i in result.instances)
+
+
+def test_precision_can_change_per_call_without_reloading(fresh_segmenter, scene):
+    seg = fresh_segmenter
+    fp32 = seg.predict(scene, "red square")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = seg.predict(scene, "red square", precision="bf16")
+    assert other.precision_requested == "bf16" and other.precision_used in ("bf16", "fp32")
+    assert fp32.precision_used == "fp32"
+
+
+def test_box_exemplars_alone_and_with_text(segmenter, scene):
+    boxes_only = segmenter.predict(scene, None, boxes=[[15, 10, 60, 50]])
+    assert [p.label for p in boxes_only.prompts] == ["exemplar"]
+    both = segmenter.predict(scene, "red square", boxes=[[15, 10, 60, 50], [70, 40, 120, 80]], box_labels=[1, 0])
+    text_only = segmenter.predict(scene, "red square")
+    assert both.prompts[0].box_labels == (1, 0)
+    assert not np.allclose(both.scores, text_only.scores), "the boxes reach the model"
+
+
+def test_long_prompt_is_truncated_with_a_warning(segmenter, scene):
+    with pytest.warns(Sam3Warning, match="tokens"):
+        raw = segmenter.predict(scene, "a very long description of a red square in the corner")
+    assert raw.scores.shape[0] == 1
+
+
+def test_bad_calls_fail_clearly(segmenter, scene):
+    with pytest.raises(PromptError):
+        segmenter.segment(scene, "")
+    with pytest.raises(ValueError, match="threshold"):
+        segmenter.segment(scene, "dog", threshold=1.5)
+    with pytest.raises(ValueError, match="refine"):
+        segmenter.segment(scene, "dog", refine=7)
+
+
+def test_concurrent_calls_give_the_same_answer(fresh_segmenter, scene):
+    expected = fresh_segmenter.predict(scene[::-1].copy(), "red square, blue square").scores
+    outputs, errors = [], []
+
+    def work(flip: bool):
+        try:
+            image = scene[::-1].copy() if flip else scene
+            outputs.append((flip, fresh_segmenter.predict(image, "red square, blue square").scores))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i % 2 == 0,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outputs) == 6
+    for flip, scores in outputs:
+        if flip:
+            np.testing.assert_allclose(scores, expected, atol=1e-6)
