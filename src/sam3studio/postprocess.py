@@ -107,7 +107,9 @@ def refine_mask(mask: np.ndarray, level: int) -> np.ndarray:
 
 def _remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_area) + 1
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    small = np.flatnonzero(areas < min_area) + 1
+    small = small[small != 1 + np.argmax(areas)] if areas.size else small  # the main piece always stays
     return mask & ~np.isin(labels, small) if small.size else mask
 
 

@@ -1,0 +1,87 @@
+"""The `sam3studio` command run as a user runs it: a subprocess on real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"COLUMNS": "200", "SAM3STUDIO_NATIVE_BF16": "0"}
+    return subprocess.run([sys.executable, "-m", "sam3studio.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def photos(tmp_path, scene):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(scene).save(folder / "one.png")
+    Image.fromarray(scene[:, ::-1]).save(folder / "two.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
+    return folder
+
+
+def test_segment_folder_goes_on_past_a_bad_image(photos, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    proc = run("segment", str(photos), "-p", "red square, blue square", "--model", str(tiny_checkpoint),
+               "--threshold", "0", "--refine", "1", "--format", "json,png,coco", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "broken.png" in proc.stderr and "2 of 3 images segmented" in proc.stderr
+    assert {"one.json", "two.json", "coco.json", "one_overlay.png"} <= {p.name for p in out.iterdir()}
+    document = json.loads((out / "one.json").read_text())
+    assert document["width"] == 130 and document["height"] == 90 and document["instances"]
+    assert document["precision"] == {"requested": "auto", "used": "fp32"}
+    coco = json.loads((out / "coco.json").read_text())
+    assert len(coco["images"]) == 2 and {c["name"] for c in coco["categories"]} <= {"red square", "blue square"}
+
+
+def test_glob_and_box_exemplar(photos, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    proc = run("segment", str(photos / "*.png"), str(photos / "one.png"), "--box", "15,10,60,50",
+               "--negative-box", "70,40,120,80", "--model", str(tiny_checkpoint), "--threshold", "0", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 1  # broken.png matched the glob
+    labels = {i["label"] for i in json.loads((out / "one.json").read_text())["instances"]}
+    assert labels == {"exemplar"}
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns_and_runs_fp32(photos, tiny_checkpoint, tmp_path):
+    proc = run("segment", str(photos / "one.png"), "-p", "red square", "--precision", "bf16", "--model", str(tiny_checkpoint),
+               "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "bf16 -> fp32" in proc.stderr and "no native bf16" in proc.stderr
+    assert json.loads((tmp_path / "o" / "one.json").read_text())["precision"] == {"requested": "bf16", "used": "fp32"}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--precision", "fp64"], "Unknown precision"),
+        (["--threshold", "1.5"], "threshold must be"),
+        (["--format", "tiff"], "Unknown --format"),
+        (["--box", "1,2,3"], "four numbers"),
+        (["--model", "demo-nope/x/y"], "owner/name"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(photos, tiny_checkpoint, tmp_path, args, message):
+    base = ["segment", str(photos / "one.png"), "-p", "dog", "--model", str(tiny_checkpoint)]
+    proc = run(*base, *args, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_empty_prompt_and_missing_glob(photos, tiny_checkpoint, tmp_path):
+    proc = run("segment", str(photos / "one.png"), "-p", " , ", "--model", str(tiny_checkpoint), cwd=tmp_path)
+    assert proc.returncode == 2 and "No prompt given" in proc.stderr
+    proc = run("segment", str(photos / "*.webp"), "-p", "dog", "--model", str(tiny_checkpoint), cwd=tmp_path)
+    assert proc.returncode == 2 and "No file matches" in proc.stderr
+
+
+def test_info_reports_bf16_support(tmp_path):
+    proc = run("info", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "native bf16" in proc.stdout and "--precision auto" in proc.stdout and "runs fp32 on cpu" in proc.stdout

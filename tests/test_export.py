@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam3studio.export import CocoDatasetWriter, OutputPathError, decode_rle, encode_rle, mask_polygons, result_document, safe_path, safe_stem, write_result
+from sam3studio.types import Instance, Result
+
+
+def _result():
+    mask = np.zeros((30, 40), bool)
+    mask[5:20, 10:25] = True
+    mask[8:10, 12:14] = False
+    return Result([Instance("red car", 0.8765432, (10.0, 5.0, 25.0, 20.0), mask, 0)], (30, 40), [], "tiny", "bf16", "fp32", True, {"total": 12.3456})
+
+
+def test_rle_round_trip_and_string_counts():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        mask = rng.random((37, 53)) > 0.6
+        rle = encode_rle(mask)
+        assert rle["size"] == [37, 53] and isinstance(rle["counts"], str)
+        assert np.array_equal(decode_rle(rle), mask)
+        assert np.array_equal(decode_rle(json.loads(json.dumps(rle))), mask)
+
+
+def test_document_schema():
+    doc = result_document(_result(), "photo.jpg")
+    assert set(doc) == {"image", "width", "height", "model", "precision", "fallback_fp32", "timings_ms", "instances"}
+    assert doc["precision"] == {"requested": "bf16", "used": "fp32"} and doc["fallback_fp32"] is True
+    inst = doc["instances"][0]
+    assert set(inst) == {"label", "score", "box", "area", "segmentation"}
+    assert inst["area"] == 15 * 15 - 4 and inst["score"] == 0.87654
+    assert np.array_equal(decode_rle(inst["segmentation"]), _result().instances[0].mask)
+
+
+def test_polygons_trace_the_outline():
+    polygons = mask_polygons(_result().instances[0].mask)
+    assert len(polygons) == 1
+    xs, ys = polygons[0][0::2], polygons[0][1::2]
+    assert (min(xs), min(ys), max(xs), max(ys)) == (10, 5, 24, 19)
+
+
+def test_write_all_formats(tmp_path):
+    image = np.zeros((30, 40, 3), dtype=np.uint8)
+    written = write_result(_result(), image, "photo.jpg", tmp_path, "photo", ["json", "png", "polygons"])
+    names = sorted(p.name for p in written)
+    assert names == ["photo.json", "photo.polygons.json", "photo_000_red-car.png", "photo_overlay.png"]
+    mask = np.asarray(Image.open(tmp_path / "photo_000_red-car.png"))
+    assert set(np.unique(mask)) == {0, 255} and mask.shape == (30, 40)
+    assert json.loads((tmp_path / "photo.json").read_text())["image"] == "photo.jpg"
+
+
+def test_coco_dataset(tmp_path):
+    writer = CocoDatasetWriter()
+    writer.add(_result(), "a.jpg")
+    writer.add(_result(), "b.jpg")
+    doc = json.loads(writer.write(tmp_path).read_text())
+    assert [i["file_name"] for i in doc["images"]] == ["a.jpg", "b.jpg"]
+    assert doc["categories"] == [{"id": 1, "name": "red car", "supercategory": "object"}]
+    ann = doc["annotations"][1]
+    assert ann["image_id"] == 2 and ann["bbox"] == [10.0, 5.0, 15.0, 15.0] and ann["iscrowd"] == 0
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = doc
+    coco.createIndex()
+    assert coco.annToMask(coco.anns[1]).sum() > 150
+
+
+def test_paths_never_leave_the_output_folder(tmp_path):
+    assert safe_path(tmp_path, "a.json") == (tmp_path / "a.json").resolve()
+    for bad in ("../escape.json", "/etc/passwd", "sub/../../x"):
+        with pytest.raises(OutputPathError):
+            safe_path(tmp_path, bad)
+    assert safe_stem("../../etc/pass wd.jpg") == "pass_wd"
+    assert safe_stem("...") == "image"

@@ -1,0 +1,105 @@
+import time
+
+import numpy as np
+import pytest
+
+from sam3studio.postprocess import OptionError, check_options, mask_box, refine_mask, select, suppress_duplicates
+from sam3studio.types import Instance, Prompt, RawPrediction
+
+
+def _raw(scores, logits, prompts=("a",), size=(40, 60)):
+    scores = np.asarray(scores, dtype=np.float32)
+    return RawPrediction(
+        image_size=size,
+        prompts=[Prompt(p) for p in prompts],
+        scores=scores,
+        boxes=np.zeros((*scores.shape, 4), np.float32),
+        mask_logits=np.asarray(logits, dtype=np.float32),
+        model="test",
+        precision_requested="fp32",
+        precision_used="fp32",
+    )
+
+
+def _square(size=(40, 60), box=(10, 5, 30, 25)):
+    logits = np.full(size, -10.0, dtype=np.float32)
+    x0, y0, x1, y1 = box
+    logits[y0:y1, x0:x1] = 10.0
+    return logits
+
+
+def test_select_keeps_scores_above_threshold_in_score_order():
+    raw = _raw([[0.2, 0.9, 0.6]], [[_square(), _square(box=(0, 0, 10, 10)), _square(box=(40, 20, 60, 40))]])
+    result = select(raw, threshold=0.5)
+    assert [round(i.score, 2) for i in result.instances] == [0.9, 0.6]
+    assert result.instances[0].box == (0.0, 0.0, 10.0, 10.0)
+    assert result.instances[0].area == 100
+
+
+def test_mask_threshold_and_upsampling_to_image_size():
+    low_res = np.full((1, 1, 4, 6), -10.0, dtype=np.float32)
+    low_res[0, 0, :2, :3] = 10.0
+    result = select(_raw([[0.9]], low_res), threshold=0.5)
+    mask = result.instances[0].mask
+    assert mask.shape == (40, 60)
+    assert mask[:18, :28].all() and not mask[22:, 32:].any()  # top-left quarter, bilinear edge
+
+
+def test_empty_masks_are_dropped():
+    assert select(_raw([[0.9]], [[np.full((40, 60), -5.0)]]), threshold=0.1).instances == []
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"threshold": -0.1}, {"threshold": float("nan")}, {"mask_threshold": 0.0}, {"mask_threshold": 1.0}, {"refine": 4}, {"nms_iou": 0.0}]
+)
+def test_bad_options(kwargs):
+    options = {"threshold": 0.5, "mask_threshold": 0.5, "refine": 0, "nms_iou": None} | kwargs
+    with pytest.raises(OptionError):
+        check_options(**options)
+
+
+def test_refinement_levels():
+    mask = np.zeros((100, 100), dtype=bool)
+    mask[20:80, 20:80] = True
+    mask[50, 50] = False  # a pinhole
+    mask[5, 5] = True  # a speck
+    mask[20:80, 90:95] = True  # a second real piece (300 px)
+    assert np.array_equal(refine_mask(mask, 0), mask)
+    clean = refine_mask(mask, 1)
+    assert clean[50, 50] and not clean[5, 5] and clean[50, 92]
+    smooth = refine_mask(mask, 2)
+    assert smooth.sum() > 3000
+    solid = refine_mask(mask, 3)
+    assert solid[50, 50] and not solid[50, 92], "level 3 keeps only the largest piece"
+
+
+def test_refinement_never_erases_a_small_object():
+    mask = np.zeros((200, 200), dtype=bool)
+    mask[100:102, 100:102] = True
+    for level in (1, 2, 3):
+        assert refine_mask(mask, level).any()
+
+
+def test_nms_keeps_the_best_label_across_prompts():
+    same = _square()
+    raw = _raw([[0.7], [0.9]], [[same], [same]], prompts=("cat", "kitten"))
+    assert len(select(raw, threshold=0.5).instances) == 2
+    result = select(raw, threshold=0.5, nms_iou=0.5)
+    assert [i.label for i in result.instances] == ["kitten"]
+
+
+def test_suppress_duplicates_keeps_distinct_objects():
+    a, b = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    a[:5], b[5:] = True, True
+    instances = [Instance("x", 0.5, mask_box(a), a, 0), Instance("y", 0.9, mask_box(b), b, 1)]
+    assert suppress_duplicates(instances, 0.5) == instances
+
+
+def test_threshold_change_on_cached_outputs_is_fast():
+    """Not a timing gate (the benchmark reports figures); guards against accidental O(model) work."""
+    rng = np.random.default_rng(0)
+    raw = _raw(rng.random((10, 200)), rng.normal(size=(10, 200, 72, 72)), prompts=[f"p{i}" for i in range(10)], size=(480, 640))
+    select(raw, threshold=0.99)
+    start = time.perf_counter()
+    select(raw, threshold=0.97, refine=1)
+    assert time.perf_counter() - start < 5.0
