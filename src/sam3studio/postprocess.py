@@ -12,6 +12,7 @@ Refinement levels (each includes the ones before it):
 from __future__ import annotations
 
 import math
+import time
 
 import cv2
 import numpy as np
@@ -54,6 +55,7 @@ def select(
     prompt found it. Instances with empty masks are dropped.
     """
     check_options(threshold, mask_threshold, refine, nms_iou)
+    started = time.perf_counter()
     instances: list[Instance] = []
     logit_cut = math.log(mask_threshold / (1 - mask_threshold))
     for index, prompt in enumerate(raw.prompts):
@@ -78,7 +80,7 @@ def select(
         precision_requested=raw.precision_requested,
         precision_used=raw.precision_used,
         fallback_fp32=raw.fallback_fp32,
-        timings_ms=dict(raw.timings_ms),
+        timings_ms=raw.timings_ms | {"postprocess": (time.perf_counter() - started) * 1000},
     )
 
 
@@ -89,13 +91,30 @@ def upsample_masks(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def refine_mask(mask: np.ndarray, level: int) -> np.ndarray:
-    """Apply refinement `level` (see the module docstring) to one (H, W) bool mask."""
+    """Apply refinement `level` (see the module docstring) to one (H, W) bool mask.
+
+    The work runs on the mask's bounding box plus a background margin, which gives the same
+    answer as the whole image (the margin ring connects everything outside the box) at a
+    fraction of the cost for the usual object that covers a small part of the image.
+    """
     if level == 0 or not mask.any():
         return mask
-    smallest = max(_MIN_SPECK_PX, int(0.01 * mask.sum()))
+    radius = max(1, round(0.004 * math.hypot(*mask.shape)))
+    x0, y0, x1, y1 = (int(v) for v in mask_box(mask))
+    margin = 2 * radius + 2
+    crop = np.pad(mask[y0:y1, x0:x1], margin)
+    refined = _refine_window(crop, level, radius, smallest=max(_MIN_SPECK_PX, int(0.01 * mask.sum())))
+    out = np.zeros_like(mask)
+    # Paste back only what lies inside the image (refinement never grows a mask by more than
+    # its smoothing radius, which the margin holds).
+    ys, xs = slice(max(y0 - margin, 0), min(y1 + margin, mask.shape[0])), slice(max(x0 - margin, 0), min(x1 + margin, mask.shape[1]))
+    out[ys, xs] = refined[ys.start - (y0 - margin) : ys.stop - (y0 - margin), xs.start - (x0 - margin) : xs.stop - (x0 - margin)]
+    return out
+
+
+def _refine_window(mask: np.ndarray, level: int, radius: int, smallest: int) -> np.ndarray:
     mask = _fill_holes(_remove_small_regions(mask, smallest), max_area=smallest)
     if level >= 2:
-        radius = max(1, round(0.004 * math.hypot(*mask.shape)))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
         smoothed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel)
         smoothed = cv2.morphologyEx(smoothed, cv2.MORPH_CLOSE, kernel)

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -60,6 +60,20 @@ class LruCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+@dataclass(frozen=True)
+class HashedImage:
+    """An RGB image with its content digest, computed once and used by every cache key."""
+
+    rgb: np.ndarray
+    digest: str
+
+    @classmethod
+    def of(cls, rgb: np.ndarray) -> HashedImage:
+        digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+        digest.update(str(rgb.shape).encode())
+        return cls(rgb, digest.hexdigest())
 
 
 @dataclass
@@ -145,9 +159,12 @@ class Segmenter:
     ) -> Result:
         """Find every object matching each prompt. See `predict` for the inputs and
         `postprocess.select` for threshold, mask_threshold, refine and nms_iou."""
+        started = time.perf_counter()
         postprocess.check_options(threshold, mask_threshold, refine, nms_iou)
         raw = self.predict(image, prompts, precision=precision, boxes=boxes, box_labels=box_labels)
-        return postprocess.select(raw, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms_iou)
+        result = postprocess.select(raw, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms_iou)
+        result.timings_ms["total"] = (time.perf_counter() - started) * 1000
+        return result
 
     def predict(
         self,
@@ -166,33 +183,33 @@ class Segmenter:
         0 negative (default all positive).
         """
         started = time.perf_counter()
-        rgb = load_image(image)
+        picture = HashedImage.of(load_image(image))
+        decode_ms = (time.perf_counter() - started) * 1000
         prompt_list = attach_boxes(parse_prompts(prompts, boxes_given=bool(boxes)), boxes, box_labels)
         plan = self.plan_for(precision)
         if plan.reason:
             warnings.warn(f"{plan.requested.value} -> {plan.used.value}: {plan.reason}.", Sam3Warning, stacklevel=2)
         with self._lock:
-            key = (_image_digest(rgb), tuple(prompt_list), plan.used, plan.weights_dtype)
-            cached = self._predictions.get(key)
-            if cached is not None:
-                return cached
-            raw = self._run(rgb, prompt_list, plan)
-            raw.timings_ms["decode_image"] = 0.0
-            raw.timings_ms["total"] = (time.perf_counter() - started) * 1000
+            key = (picture.digest, tuple(prompt_list), plan.used, plan.weights_dtype)
+            raw = self._predictions.get(key)
+            if raw is not None:  # the model did not run: only decoding took time
+                return replace(raw, timings_ms={"decode_image": decode_ms, "total": (time.perf_counter() - started) * 1000})
+            raw = self._run(picture, prompt_list, plan)
+            raw.timings_ms |= {"decode_image": decode_ms, "total": (time.perf_counter() - started) * 1000}
             self._predictions.put(key, raw)
             return raw
 
     def encode_image(self, image: ImageInput, precision: str | Precision | None = None) -> EncodedImage:
         """Vision features of an image, computed once per (content, precision, input size)."""
-        rgb = load_image(image)
+        picture = HashedImage.of(load_image(image))
         with self._lock:
-            return self._encode(rgb, self.plan_for(precision))
+            return self._encode(picture, self.plan_for(precision))
 
     # --- the model passes ------------------------------------------------------------------
 
-    def _run(self, rgb: np.ndarray, prompts: list[Prompt], plan: PrecisionPlan) -> RawPrediction:
+    def _run(self, picture: HashedImage, prompts: list[Prompt], plan: PrecisionPlan) -> RawPrediction:
         timings: dict[str, float] = {}
-        outputs = self._forward(rgb, prompts, plan, timings)
+        outputs = self._forward(picture, prompts, plan, timings)
         fallback = False
         if plan.used is not Precision.FP32 and not all_finite(*outputs):
             warnings.warn(
@@ -200,9 +217,9 @@ class Segmenter:
             )
             fallback = True
             self.counters["fp32_fallbacks"] += 1
-            outputs = self._forward_fp32(rgb, prompts, plan, timings)
+            outputs = self._forward_fp32(picture, prompts, plan, timings)
         scores, boxes, masks = outputs
-        height, width = rgb.shape[:2]
+        height, width = picture.rgb.shape[:2]
         boxes = boxes * torch.tensor([width, height, width, height], dtype=boxes.dtype)
         return RawPrediction(
             image_size=(height, width),
@@ -217,22 +234,22 @@ class Segmenter:
             timings_ms=timings,
         )
 
-    def _forward_fp32(self, rgb, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
+    def _forward_fp32(self, picture: HashedImage, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
         fp32 = PrecisionPlan(plan.requested, Precision.FP32, plan.device)
         if self.weights_dtype == torch.float32:
-            return self._forward(rgb, prompts, fp32, timings)
+            return self._forward(picture, prompts, fp32, timings)
         # bf16/fp16 -> fp32 -> bf16/fp16 is exact, so upcasting for one pass loses nothing.
         self.model.float()
         try:
-            return self._forward(rgb, prompts, fp32, timings)
+            return self._forward(picture, prompts, fp32, timings)
         finally:
             cast_weights(self.model, self.weights_dtype)
 
-    def _forward(self, rgb, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
+    def _forward(self, picture: HashedImage, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
         """One pass: (scores (P, Q), normalised xyxy boxes (P, Q, 4), mask logits (P, Q, h, w)),
         all float32 on the CPU."""
         start = time.perf_counter()
-        encoded = self._encode(rgb, plan)
+        encoded = self._encode(picture, plan)
         timings["encode_image"] = (time.perf_counter() - start) * 1000
 
         start = time.perf_counter()
@@ -258,15 +275,15 @@ class Segmenter:
         timings["detect"] = (time.perf_counter() - start) * 1000
         return result
 
-    def _encode(self, rgb: np.ndarray, plan: PrecisionPlan) -> EncodedImage:
+    def _encode(self, picture: HashedImage, plan: PrecisionPlan) -> EncodedImage:
         size = self.processor.image_processor.size
-        key = (_image_digest(rgb), plan.used, plan.weights_dtype, size["height"], size["width"])
+        key = (picture.digest, plan.used, plan.weights_dtype, size["height"], size["width"])
         encoded = self._images.get(key)
         if encoded is None:
-            pixels = self.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"].to(self.device)
+            pixels = self.processor.image_processor(images=picture.rgb, return_tensors="pt")["pixel_values"].to(self.device)
             with torch.inference_mode(), plan.autocast():
                 vision = self.model.get_vision_features(pixel_values=pixels)
-            encoded = EncodedImage(key, rgb.shape[:2], tuple(vision.fpn_hidden_states), tuple(vision.fpn_position_encoding))
+            encoded = EncodedImage(key, picture.rgb.shape[:2], tuple(vision.fpn_hidden_states), tuple(vision.fpn_position_encoding))
             _synchronize(plan.device)
             self.counters["image_encodings"] += 1
             self._images.put(key, encoded)
@@ -335,12 +352,6 @@ def load_segmenter(
     plan = resolve(precision, torch_device, force=force_precision, weights_dtype=weights_dtype)
     loaded = load_model(model, device=torch_device, offline=offline, revision=revision, token=token)
     return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size)
-
-
-def _image_digest(rgb: np.ndarray) -> str:
-    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
-    digest.update(str(rgb.shape).encode())
-    return digest.hexdigest()
 
 
 def _synchronize(device: torch.device) -> None:
