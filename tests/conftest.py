@@ -4,7 +4,6 @@ loaded through the same `load_segmenter` path as a downloaded model."""
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,3 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
-
-
-@pytest.fixture(autouse=True)
-def _warnings_as_recorded():
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        yield
