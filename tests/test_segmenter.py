@@ -33,9 +33,12 @@ def test_threshold_filters_by_score(segmenter, scene):
     assert len(select(raw, threshold=1.0).instances) == 0
 
 
-def test_per_prompt_threshold_overrides_the_call(segmenter, scene):
-    result = segmenter.segment(scene, "red square:0.0, blue square", threshold=1.0)
+def test_per_prompt_threshold_overrides_the_call(fresh_segmenter, scene):
+    result = fresh_segmenter.segment(scene, "red square:0.0, blue square", threshold=1.0)
     assert result.instances and {i.label for i in result.instances} == {"red square"}
+    moved = fresh_segmenter.segment(scene, "red square:1.0, blue square:0.0", threshold=1.0)
+    assert moved.instances and {i.label for i in moved.instances} == {"blue square"}
+    assert fresh_segmenter.counters["forward_passes"] == 1, "thresholds are post-processing only"
 
 
 def test_image_encoded_once_across_prompts(fresh_segmenter, scene):

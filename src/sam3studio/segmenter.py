@@ -122,11 +122,6 @@ class Segmenter:
     def model_name(self) -> str:
         return self.loaded.name
 
-    @property
-    def mask_size(self) -> tuple[int, int]:
-        size = self.processor.image_processor.mask_size
-        return (size["height"], size["width"])
-
     def plan_for(self, precision: str | Precision | None) -> PrecisionPlan:
         """The plan for a per-call precision; weights stay in the dtype they were loaded in."""
         if precision is None:
@@ -190,10 +185,13 @@ class Segmenter:
         if plan.reason:
             warnings.warn(f"{plan.requested.value} -> {plan.used.value}: {plan.reason}.", Sam3Warning, stacklevel=2)
         with self._lock:
-            key = (picture.digest, tuple(prompt_list), plan.used, plan.weights_dtype)
+            # Per-prompt thresholds do not change what the model computes, so they are not in the key.
+            model_inputs = tuple((p.text, p.boxes, p.box_labels) for p in prompt_list)
+            key = (picture.digest, model_inputs, plan.used, plan.weights_dtype)
             raw = self._predictions.get(key)
             if raw is not None:  # the model did not run: only decoding took time
-                return replace(raw, timings_ms={"decode_image": decode_ms, "total": (time.perf_counter() - started) * 1000})
+                timings = {"decode_image": decode_ms, "total": (time.perf_counter() - started) * 1000}
+                return replace(raw, prompts=prompt_list, precision_requested=plan.requested.value, timings_ms=timings)
             raw = self._run(picture, prompt_list, plan)
             raw.timings_ms |= {"decode_image": decode_ms, "total": (time.perf_counter() - started) * 1000}
             self._predictions.put(key, raw)
