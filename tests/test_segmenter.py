@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam3studio import PromptError, Sam3Warning, load_segmenter
+from sam3studio import PrecisionError, PromptError, Sam3Warning, load_segmenter
 from sam3studio.postprocess import mask_iou, select
 
 
@@ -155,3 +155,11 @@ def test_concurrent_calls_give_the_same_answer(fresh_segmenter, scene):
     for flip, scores in outputs:
         if flip:
             np.testing.assert_allclose(scores, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "Unknown device"), ("cuda:0", "no usable CUDA")])
+def test_bad_devices(tiny_checkpoint, device, message):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(PrecisionError, match=message):
+        load_segmenter(str(tiny_checkpoint), device=device)

@@ -346,10 +346,22 @@ def load_segmenter(
     precision: fp32 | fp16 | bf16 | auto, resolved against the device (see `precision.resolve`).
     weights_dtype: store weights in bf16/fp16 to halve their memory (needs that autocast).
     """
-    torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    torch_device = _pick_device(device)
     plan = resolve(precision, torch_device, force=force_precision, weights_dtype=weights_dtype)
     loaded = load_model(model, device=torch_device, offline=offline, revision=revision, token=token)
     return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size)
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise PrecisionError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise PrecisionError(f"Device {device!r} asked for, but this machine has no usable CUDA GPU; use --device cpu.")
+    return chosen
 
 
 def _synchronize(device: torch.device) -> None:
