@@ -78,7 +78,23 @@ def test_empty_prompt_and_missing_glob(photos, tiny_checkpoint, tmp_path):
     proc = run("segment", str(photos / "one.png"), "-p", " , ", "--model", str(tiny_checkpoint), cwd=tmp_path)
     assert proc.returncode == 2 and "No prompt given" in proc.stderr
     proc = run("segment", str(photos / "*.webp"), "-p", "dog", "--model", str(tiny_checkpoint), cwd=tmp_path)
-    assert proc.returncode == 2 and "No file matches" in proc.stderr
+    assert proc.returncode == 2 and "No image file matches" in proc.stderr
+
+
+def test_output_folder_that_is_a_file_and_a_dataset_name_clash(photos, tiny_checkpoint, tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    proc = run("segment", str(photos / "one.png"), "-p", "dog", "--model", str(tiny_checkpoint), "--out", str(blocker), cwd=tmp_path)
+    assert proc.returncode == 2 and "Cannot use" in proc.stderr and "Traceback" not in proc.stderr
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (photos / "one.png").rename(clash / "coco.png")
+    out = tmp_path / "out"
+    proc = run("segment", str(clash), "-p", "red square", "--threshold", "0", "--model", str(tiny_checkpoint),
+               "--format", "json,coco", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "images" in json.loads((out / "coco.json").read_text())
+    assert json.loads((out / "coco_1.json").read_text())["image"] == "coco.png"
 
 
 def test_info_reports_bf16_support(tmp_path):

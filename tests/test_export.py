@@ -74,5 +74,6 @@ def test_paths_never_leave_the_output_folder(tmp_path):
     for bad in ("../escape.json", "/etc/passwd", "sub/../../x"):
         with pytest.raises(OutputPathError):
             safe_path(tmp_path, bad)
-    assert safe_stem("../../etc/pass wd.jpg") == "pass_wd"
+    assert safe_stem("../../etc/pass wd") == "etc_pass_wd"
+    assert safe_stem("car/truck") == "car_truck" and safe_stem("car.door") == "car_door"
     assert safe_stem("...") == "image"

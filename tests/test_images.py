@@ -99,3 +99,16 @@ def test_bad_arrays():
         load_image(np.full((4, 4, 3), np.nan, dtype=np.float32))
     with pytest.raises(ImageError, match="empty"):
         load_image(np.zeros((0, 4, 3), dtype=np.uint8))
+
+
+def test_lazily_opened_broken_pil_image(tmp_path, scene):
+    path = tmp_path / "cut.png"
+    path.write_bytes(encode(Image.fromarray(scene), "PNG")[:200])
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        load_image(Image.open(path), name="cut.png")
+
+
+def test_float_tiff_with_16_bit_values():
+    values = np.array([[0.0, 32767.5, 65535.0]], dtype=np.float32)
+    decoded = load_image(encode(Image.fromarray(values, "F"), "TIFF"))
+    assert decoded[0, :, 0].tolist() == [0, 128, 255]

@@ -86,3 +86,28 @@ def test_file_instead_of_folder(tiny_checkpoint):
 def test_model_runs_on_the_requested_device(tiny_checkpoint):
     loaded = load_model(str(tiny_checkpoint), device="cpu")
     assert next(loaded.model.parameters()).device == torch.device("cpu")
+
+
+def test_demo_name_loads_the_shipped_folder(monkeypatch, tiny_checkpoint):
+    import sam3studio.loading as loading
+
+    monkeypatch.setattr(loading, "DEMO_MODEL_DIR", tiny_checkpoint)
+    loaded = load_model("demo")
+    assert loaded.name == "demo" and loaded.folder == tiny_checkpoint
+
+
+def test_truncated_or_mismatched_weights_are_load_errors(tiny_checkpoint, tmp_path):
+    import json
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_checkpoint, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_checkpoint, mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["detr_decoder_config"]["num_queries"] = 5
+    (mismatched / "config.json").write_text(json.dumps(config))
+    for folder in (truncated, mismatched):
+        with pytest.raises(ModelLoadError, match="does not hold a loadable SAM3 model"):
+            load_model(str(folder))

@@ -92,3 +92,17 @@ def test_sensitive_modules_compute_in_fp32_under_cpu_autocast(segmenter):
         assert head(x).dtype is torch.float32
         assert segmenter.model.detr_decoder.layers[0].self_attn.q_proj(x).dtype is torch.bfloat16
     assert P.keep_sensitive_modules_fp32(segmenter.model) >= len(P.FP32_MODULE_NAMES)
+
+
+def test_half_weights_leave_fp32_modules_bit_exact(tiny_checkpoint):
+    from sam3studio.loading import load_model
+
+    model = load_model(str(tiny_checkpoint)).model
+    before = {n: t.clone() for n, t in model.named_buffers() if "rotary" in n or "box_head" in n}
+    before |= {n: t.clone() for n, t in model.named_parameters() if "box_head" in n}
+    assert before, "the tiny model has rotary buffers and a box head"
+    P.cast_weights(model, torch.bfloat16)
+    after = dict(model.named_buffers()) | dict(model.named_parameters())
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
+    assert model.text_projection.weight.dtype is torch.bfloat16

@@ -16,6 +16,17 @@ def test_per_prompt_threshold_suffix_and_mapping():
     assert parse_prompts({"dog": 0.25, "cat": None})[0].threshold == 0.25
 
 
+def test_colon_numbers_that_are_not_thresholds_stay_text():
+    prompts = parse_prompts("screen 16:9, 10:30 clock, dog:1")
+    assert [(p.text, p.threshold) for p in prompts] == [("screen 16:9", None), ("10:30 clock", None), ("dog", 1.0)]
+
+
+def test_numpy_numbers_are_accepted():
+    import numpy as np
+
+    assert parse_prompts({"dog": np.float32(0.25)})[0].threshold == 0.25
+
+
 def test_list_items_stay_whole_and_duplicates_go():
     assert [p.text for p in parse_prompts(["salt, pepper shaker", "Dog", "dog"])] == ["salt, pepper shaker", "Dog"]
 
@@ -58,7 +69,14 @@ def test_boxes_attach_to_every_prompt_or_stand_alone():
     assert alone[0].label == "exemplar"
 
 
-@pytest.mark.parametrize("boxes,labels", [([[5, 5, 1, 1]], None), ([[1, 2, 3]], None), ([[0, 0, 4, 4]], [2]), ([[0, 0, 4, 4]], [1, 0])])
+def test_numpy_boxes():
+    import numpy as np
+
+    assert attach_boxes([], np.array([[1.0, 2.0, 3.0, 4.0]]))[0].boxes == ((1.0, 2.0, 3.0, 4.0),)
+    assert attach_boxes(parse_prompts("dog"), np.zeros((0, 4))) == parse_prompts("dog")
+
+
+@pytest.mark.parametrize("boxes,labels", [([[5, 5, 1, 1]], None), ([[0, 0, float("inf"), 4]], None), ([[1, 2, 3]], None), ([[0, 0, 4, 4]], [2]), ([[0, 0, 4, 4]], [1, 0])])
 def test_bad_boxes(boxes, labels):
     with pytest.raises(PromptError):
         attach_boxes([], boxes, labels)

@@ -163,3 +163,28 @@ def test_bad_devices(tiny_checkpoint, device, message):
         pytest.skip("this machine has a GPU")
     with pytest.raises(PrecisionError, match=message):
         load_segmenter(str(tiny_checkpoint), device=device)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_box_exemplars_run_under_bf16(tiny_checkpoint, segmenter, scene, weights):
+    seg = load_segmenter(str(tiny_checkpoint), precision="bf16", weights_dtype=weights, force_precision=True, device="cpu")
+    low = seg.predict(scene, "red square", boxes=[[15, 10, 60, 50]])
+    ref = segmenter.predict(scene, "red square", boxes=[[15, 10, 60, 50]])
+    assert low.precision_used == "bf16" and np.abs(low.scores - ref.scores).max() < 0.03
+
+
+def test_prompts_with_and_without_boxes_in_one_call(segmenter, fresh_segmenter, scene):
+    from sam3studio.types import Prompt
+
+    boxed = Prompt("red square", boxes=((15.0, 10.0, 60.0, 50.0),), box_labels=(1,))
+    mixed = segmenter.predict(scene, [Prompt("blue square"), boxed, Prompt("a cat")])
+    alone = fresh_segmenter.predict(scene, ["blue square", "a cat"])
+    np.testing.assert_allclose(mixed.scores[[0, 2]], alone.scores, atol=1e-5)
+    with_box = fresh_segmenter.predict(scene, [boxed])
+    np.testing.assert_allclose(mixed.scores[1], with_box.scores[0], atol=1e-5)
+
+
+def test_cached_outputs_cannot_be_changed_by_a_caller(segmenter, scene):
+    raw = segmenter.predict(scene, "red square")
+    with pytest.raises(ValueError):
+        raw.scores[0, 0] = 1.0

@@ -59,23 +59,24 @@ def segment(
     """Segment images from text prompts (and/or exemplar boxes); write JSON/PNG/polygons/COCO to --out."""
     from . import export, load_image, load_segmenter
     from .postprocess import check_options
-    from .prompts import parse_prompts
+    from .prompts import attach_boxes, parse_prompts
 
     formats = _parse_formats(output_format)
     check_options(threshold, mask_threshold, refine, nms)
-    with warnings.catch_warnings():  # warnings are shown once, when the prompts run
-        warnings.simplefilter("ignore")
-        parse_prompts(prompt, boxes_given=bool(box or negative_box))  # fail before loading the model
     boxes, negatives = _parse_boxes(box or []), _parse_boxes(negative_box or [])
     all_boxes = boxes + negatives
     all_labels = [1] * len(boxes) + [0] * len(negatives)
+    with warnings.catch_warnings():  # warnings are shown once, when the prompts run
+        warnings.simplefilter("ignore")  # fail on bad prompts and boxes before loading the model
+        attach_boxes(parse_prompts(prompt, boxes_given=bool(all_boxes)), all_boxes, all_labels)
     files = _expand_inputs(inputs)
+    _make_output_folder(out)
     seg = load_segmenter(
         model, precision=precision, device=device, weights_dtype=weights_dtype, force_precision=force_precision, offline=offline or None
     )
     coco = export.CocoDatasetWriter() if "coco" in formats else None
     failures: list[str] = []
-    stems: set[str] = set()
+    stems = {Path(export.CocoDatasetWriter.FILE_NAME).stem}  # no image's JSON may overwrite the dataset file
     with _progress(len(files)) as progress:
         task = progress.add_task("segmenting", total=len(files))
         for file in files:
@@ -85,12 +86,12 @@ def segment(
                     image, prompt, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms,
                     boxes=all_boxes or None, box_labels=all_labels or None,
                 )
-                stem = _unique_stem(export.safe_stem(file.name), stems)
+                stem = _unique_stem(export.safe_stem(file.stem), stems)
                 export.write_result(result, image, file.name, out, stem, formats)
                 if coco is not None:
                     coco.add(result, file.name)
                 _report(result, file, quiet=len(files) > 1)
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # one bad image never stops the run
                 failures.append(f"{file}: {exc}")
                 console.print(f"[red]skipped[/red] {exc}")
             progress.advance(task)
@@ -176,17 +177,28 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files += sorted(p for p in path.iterdir() if _is_image_file(p))
         elif path.exists() or not glob.has_magic(item):
             files.append(path)  # a missing file is reported per image, like a broken one
         else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if _is_image_file(Path(p)))
             if not matches:
-                raise CliError(f"No file matches {item!r}.")
+                raise CliError(f"No image file matches {item!r}.")
             files += matches
     if not files:
         raise CliError("No images to segment: the folders given hold no image files.")
     return list(dict.fromkeys(files))
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _make_output_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"Cannot use {out} as the output folder: {exc.strerror or exc}.") from None
 
 
 def _unique_stem(stem: str, taken: set[str]) -> str:

@@ -76,8 +76,8 @@ def safe_path(out_dir: Path, name: str) -> Path:
 
 
 def safe_stem(name: str) -> str:
-    """A file-name stem with no path separators or odd characters."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._")
+    """A file-name stem with no path separators, dots or odd characters ("car/truck" -> "car_truck")."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")
     return stem or "image"
 
 
@@ -103,7 +103,7 @@ def _write_json(path: Path, document: dict) -> Path:
 def _write_pngs(result: Result, image: np.ndarray, out_dir: Path, stem: str) -> list[Path]:
     paths = []
     for index, inst in enumerate(result.instances):
-        label = safe_stem(inst.label.replace(" ", "-"))
+        label = safe_stem(inst.label.replace(" ", "-"))  # e.g. photo_000_red-car.png
         path = safe_path(out_dir, f"{stem}_{index:03d}_{label}.png")
         Image.fromarray(inst.mask.astype(np.uint8) * 255).save(path)
         paths.append(path)
@@ -130,15 +130,17 @@ class CocoDatasetWriter:
         for inst in result.instances:
             category = self.categories.setdefault(inst.label, len(self.categories) + 1)
             x0, y0, x1, y1 = inst.box
+            polygons = mask_polygons(inst.mask)
             self.annotations.append(
                 {
                     "id": len(self.annotations) + 1,
                     "image_id": image_id,
                     "category_id": category,
-                    "segmentation": mask_polygons(inst.mask),
+                    # A mask of a pixel or two has no polygon; COCO tools take RLE with iscrowd 1.
+                    "segmentation": polygons or encode_rle(inst.mask),
                     "area": inst.area,
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "iscrowd": 0,
+                    "iscrowd": 0 if polygons else 1,
                     "score": round(inst.score, 5),
                 }
             )
@@ -151,6 +153,8 @@ class CocoDatasetWriter:
             "categories": [{"id": i, "name": n, "supercategory": "object"} for n, i in self.categories.items()],
         }
 
-    def write(self, out_dir: Path, name: str = "coco.json") -> Path:
+    FILE_NAME = "coco.json"
+
+    def write(self, out_dir: Path, name: str = FILE_NAME) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         return _write_json(safe_path(out_dir, name), self.document())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, name or "array", max_pixels)
     if isinstance(source, Image.Image):
-        return _decoded_to_rgb(source, name or "image", max_pixels)
+        return _decode_translating_errors(lambda: _decoded_to_rgb(source, name or "image", max_pixels), name or "image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _open_and_decode(io.BytesIO(bytes(source)), name or "uploaded image", max_pixels)
     path = Path(source)
@@ -46,14 +46,20 @@ def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
 
 
 def _open_and_decode(stream: io.IOBase, name: str, max_pixels: int) -> np.ndarray:
+    def decode() -> np.ndarray:
+        image = Image.open(stream, formats=ALLOWED_FORMATS)
+        _check_pixels(image.size, name, max_pixels)  # from the header, before any pixel is decoded
+        image.load()
+        return _decoded_to_rgb(image, name, max_pixels)
+
+    return _decode_translating_errors(decode, name)
+
+
+def _decode_translating_errors(decode: Callable[[], np.ndarray], name: str) -> np.ndarray:
+    """Run `decode`, turning Pillow's many failure types into one ImageError naming the image."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream, formats=ALLOWED_FORMATS)
-            _check_pixels(image.size, name, max_pixels)
-            image.load()
-            return _decoded_to_rgb(image, name, max_pixels)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return decode()
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: too many pixels to decode safely ({exc}).") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image, or a format other than {', '.join(ALLOWED_FORMATS)}.") from None
@@ -76,9 +82,7 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
 
 def _decoded_to_rgb(image: Image.Image, name: str, max_pixels: int) -> np.ndarray:
     _check_pixels(image.size, name, max_pixels)
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)  # animated GIF/WebP/TIFF: the first frame
-    image = ImageOps.exif_transpose(image)
+    image = ImageOps.exif_transpose(image)  # an animated file opens at its first frame
     return _array_to_rgb(_to_rgb_compatible(image), name, max_pixels)
 
 
@@ -122,9 +126,17 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageError(f"{name}: the image holds NaN or infinite values.")
-        top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+        top = _float_range(float(array.max(initial=0)))
         return (np.clip(array, 0, top) * (255.0 / top) + 0.5).astype(np.uint8)
     raise ImageError(f"{name}: pixel type {array.dtype} is not supported.")
+
+
+def _float_range(peak: float) -> float:
+    """The full-scale value float pixels were most likely stored against."""
+    for top in (1.0, 255.0, 65535.0):
+        if peak <= top * 1.001:
+            return top
+    return peak
 
 
 def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:

@@ -51,7 +51,7 @@ def resolve_model_folder(
     """
     name = str(name)
     if name == DEMO_MODEL_NAME:
-        return _demo_folder(), None
+        return _demo_folder()
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -112,6 +112,7 @@ def load_model(
     token: str | None = None,
 ) -> LoadedModel:
     """Load `Sam3Model` and `Sam3Processor` from a hub id, a local folder or "demo"."""
+    from safetensors import SafetensorError
     from transformers import Sam3Model, Sam3Processor
 
     folder, hub_revision = resolve_model_folder(name, offline=offline, revision=revision, token=token)
@@ -121,7 +122,7 @@ def load_model(
             folder, use_safetensors=True, local_files_only=True, output_loading_info=True
         )
         processor = Sam3Processor.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: shape mismatch
         raise ModelLoadError(f"{folder} does not hold a loadable SAM3 model: {exc}") from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])

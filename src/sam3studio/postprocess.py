@@ -12,6 +12,7 @@ Refinement levels (each includes the ones before it):
 from __future__ import annotations
 
 import math
+import numbers
 import time
 
 import cv2
@@ -23,6 +24,7 @@ from .types import Instance, RawPrediction, Result
 
 REFINE_LEVELS = {0: "raw", 1: "clean", 2: "smooth", 3: "solid"}
 _MIN_SPECK_PX = 16
+_UPSAMPLE_CHUNK = 16  # masks upsampled at once: 16 x 12 MP float32 is 770 MB at most
 
 
 class OptionError(ValueError):
@@ -32,12 +34,12 @@ class OptionError(ValueError):
 def check_options(threshold: float, mask_threshold: float, refine: int, nms_iou: float | None) -> None:
     """Reject bad options before any work is done."""
     for name, value, low_open in (("threshold", threshold, False), ("mask_threshold", mask_threshold, True)):
-        if not isinstance(value, (int, float)) or math.isnan(value) or not (0 < value < 1 if low_open else 0 <= value <= 1):
+        if not isinstance(value, numbers.Real) or math.isnan(value) or not (0 < value < 1 if low_open else 0 <= value <= 1):
             bounds = "strictly between 0 and 1" if low_open else "between 0 and 1"
             raise OptionError(f"{name} must be a number {bounds}; got {value!r}.")
     if refine not in REFINE_LEVELS:
         raise OptionError(f"refine must be one of {sorted(REFINE_LEVELS)} ({', '.join(REFINE_LEVELS.values())}); got {refine!r}.")
-    if nms_iou is not None and (not isinstance(nms_iou, (int, float)) or not 0 < nms_iou <= 1):
+    if nms_iou is not None and (not isinstance(nms_iou, numbers.Real) or not 0 < nms_iou <= 1):
         raise OptionError(f"nms_iou must be in (0, 1]; got {nms_iou!r}.")
 
 
@@ -64,12 +66,13 @@ def select(
         kept = kept[np.argsort(-raw.scores[index][kept], kind="stable")]
         if kept.size == 0:
             continue
-        masks = upsample_masks(raw.mask_logits[index][kept], raw.image_size) > logit_cut
-        for query, mask in zip(kept, masks):
-            mask = refine_mask(mask, refine)
-            if mask.any():
-                box = mask_box(mask)
-                instances.append(Instance(prompt.label, float(raw.scores[index, query]), box, mask, index))
+        for start in range(0, kept.size, _UPSAMPLE_CHUNK):  # bounded memory at any threshold
+            chunk = kept[start : start + _UPSAMPLE_CHUNK]
+            masks = upsample_masks(raw.mask_logits[index][chunk], raw.image_size) > logit_cut
+            for query, mask in zip(chunk, masks):
+                mask = refine_mask(mask, refine)
+                if mask.any():
+                    instances.append(Instance(prompt.label, float(raw.scores[index, query]), mask_box(mask), mask, index))
     if nms_iou is not None:
         instances = suppress_duplicates(instances, nms_iou)
     return Result(

@@ -209,6 +209,9 @@ FP32_MODULE_NAMES = (
     "detr_decoder.box_rpb_embed_x",
     "detr_decoder.box_rpb_embed_y",
     "dot_product_scoring",
+    # Box exemplars: torchvision's roi_align has no bf16 kernel on CPU, and box coordinates
+    # are exactly the kind of value this list exists for.
+    "geometry_encoder",
 )
 FP32_MODULE_TYPES = ("Sam3SinePositionEmbedding", "Sam3ViTRotaryEmbedding")
 
@@ -235,10 +238,12 @@ def keep_sensitive_modules_fp32(model: nn.Module) -> int:
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store weights in `dtype`, except the fp32-kept modules, which stay fp32."""
-    model.to(dtype)
-    for module in fp32_modules(model):
-        module.float()
+    """Store weights in `dtype`, except the fp32-kept modules, which are never touched (a round
+    trip through bf16 would round their fp32 values, RoPE frequencies among them)."""
+    kept = {id(m) for top in fp32_modules(model) for m in top.modules()}
+    for module in model.modules():
+        if id(module) not in kept:
+            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
 def _fp32_forward(forward: Callable) -> Callable:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -58,7 +60,8 @@ def _parse_one(raw: str) -> Prompt:
     text = raw.strip()
     threshold = None
     match = _THRESHOLD_SUFFIX.match(text)
-    if match:
+    # "dog:0.3" (a decimal, or 0 or 1) sets a threshold; "screen 16:9" or "10:30 clock" is text.
+    if match and match["text"] and ("." in match["value"] or match["value"] in ("0", "1")):
         text, threshold = match["text"], _check_threshold(float(match["value"]), raw)
     return _checked(Prompt(_clean_text(text), threshold))
 
@@ -85,7 +88,7 @@ def _require_str(item: object) -> str:
 def _check_threshold(value: float | None, where: object) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+    if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
         raise PromptError(f"Threshold {value!r} for {where!r} is not a number between 0 and 1.")
     return float(value)
 
@@ -116,7 +119,7 @@ def attach_boxes(
 ) -> list[Prompt]:
     """Give every text prompt the same exemplar boxes (xyxy pixels; labels 1 positive, 0
     negative), or make one box-only prompt when there is no text."""
-    if not boxes:
+    if boxes is None or len(boxes) == 0:
         return prompts
     checked = tuple(_check_box(box) for box in boxes)
     labels = tuple(int(v) for v in box_labels) if box_labels is not None else (1,) * len(checked)
@@ -130,6 +133,6 @@ def _check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
         values = tuple(float(v) for v in box)
     except (TypeError, ValueError):
         values = ()
-    if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
+    if len(values) != 4 or not all(map(math.isfinite, values)) or not (values[0] < values[2] and values[1] < values[3]):
         raise PromptError(f"Box {box!r} is not [x0, y0, x1, y1] with x0 < x1 and y0 < y1.")
     return values  # type: ignore[return-value]

@@ -71,7 +71,7 @@ class HashedImage:
 
     @classmethod
     def of(cls, rgb: np.ndarray) -> HashedImage:
-        digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+        digest = hashlib.blake2b(memoryview(rgb), digest_size=16)  # load_image gives C-contiguous arrays
         digest.update(str(rgb.shape).encode())
         return cls(rgb, digest.hexdigest())
 
@@ -80,7 +80,6 @@ class HashedImage:
 class EncodedImage:
     """An image's vision features, ready for any prompt. Tensors stay on the model's device."""
 
-    key: tuple
     image_size: tuple[int, int]  # (height, width)
     fpn_hidden_states: tuple[torch.Tensor, ...]
     fpn_position_encoding: tuple[torch.Tensor, ...]
@@ -112,7 +111,8 @@ class Segmenter:
         self._lock = threading.RLock()
         self._images = LruCache(cache_size)
         self._texts = LruCache(512)
-        self._predictions = LruCache(4 * cache_size)
+        # Raw outputs hold P x Q mask logits (about 66 MB per prompt at full size), so few are kept.
+        self._predictions = LruCache(max(1, cache_size // 2))
         self._plans: dict[str, PrecisionPlan] = {plan.requested.value: plan}
         keep_sensitive_modules_fp32(self.model)
         if self.weights_dtype != torch.float32:
@@ -180,7 +180,8 @@ class Segmenter:
         started = time.perf_counter()
         picture = HashedImage.of(load_image(image))
         decode_ms = (time.perf_counter() - started) * 1000
-        prompt_list = attach_boxes(parse_prompts(prompts, boxes_given=bool(boxes)), boxes, box_labels)
+        has_boxes = boxes is not None and len(boxes) > 0
+        prompt_list = attach_boxes(parse_prompts(prompts, boxes_given=has_boxes), boxes, box_labels)
         plan = self.plan_for(precision)
         if plan.reason:
             warnings.warn(f"{plan.requested.value} -> {plan.used.value}: {plan.reason}.", Sam3Warning, stacklevel=2)
@@ -193,6 +194,8 @@ class Segmenter:
                 timings = {"decode_image": decode_ms, "total": (time.perf_counter() - started) * 1000}
                 return replace(raw, prompts=prompt_list, precision_requested=plan.requested.value, timings_ms=timings)
             raw = self._run(picture, prompt_list, plan)
+            for array in (raw.scores, raw.boxes, raw.mask_logits):
+                array.flags.writeable = False  # shared by every caller that hits the cache
             raw.timings_ms |= {"decode_image": decode_ms, "total": (time.perf_counter() - started) * 1000}
             self._predictions.put(key, raw)
             return raw
@@ -252,12 +255,22 @@ class Segmenter:
 
         start = time.perf_counter()
         text_embeds, text_mask = self._encode_texts([p.text or BOX_ONLY_TEXT for p in prompts], plan)
-        input_boxes, input_labels = self._box_tensors(prompts, encoded.image_size)
         timings["encode_text"] = (time.perf_counter() - start) * 1000
 
         start = time.perf_counter()
+        # A prompt without boxes batched beside prompts with boxes would get an all-padding box
+        # input, which changes its answer; so the two kinds run as separate passes.
+        groups = [g for g in ([i for i, p in enumerate(prompts) if not p.boxes], [i for i, p in enumerate(prompts) if p.boxes]) if g]
+        parts = [self._detect(encoded, text_embeds[g], text_mask[g], [prompts[i] for i in g], plan) for g in groups]
+        order = torch.tensor([i for g in groups for i in g]).argsort()
+        timings["detect"] = (time.perf_counter() - start) * 1000
+        return tuple(torch.cat(tensors)[order] for tensors in zip(*parts))
+
+    def _detect(self, encoded: EncodedImage, text_embeds, text_mask, prompts: list[Prompt], plan: PrecisionPlan):
+        """One batched pass of detector and mask decoder for `prompts` against the encoding."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        input_boxes, input_labels = self._box_tensors(prompts, encoded.image_size)
         with torch.inference_mode(), plan.autocast():
             out = self.model(
                 vision_embeds=encoded.expanded(len(prompts)),
@@ -268,20 +281,17 @@ class Segmenter:
             )
         self.counters["forward_passes"] += 1
         scores = out.pred_logits.float().sigmoid() * out.presence_logits.float().sigmoid()
-        result = tuple(t.float().cpu() for t in (scores, out.pred_boxes, out.pred_masks))
-        _synchronize(plan.device)
-        timings["detect"] = (time.perf_counter() - start) * 1000
-        return result
+        return tuple(t.float().cpu() for t in (scores, out.pred_boxes, out.pred_masks))  # .cpu() waits for CUDA
 
     def _encode(self, picture: HashedImage, plan: PrecisionPlan) -> EncodedImage:
-        size = self.processor.image_processor.size
+        size = self.processor.image_processor.size  # fixed per model today; in the key so it may vary
         key = (picture.digest, plan.used, plan.weights_dtype, size["height"], size["width"])
         encoded = self._images.get(key)
         if encoded is None:
             pixels = self.processor.image_processor(images=picture.rgb, return_tensors="pt")["pixel_values"].to(self.device)
             with torch.inference_mode(), plan.autocast():
                 vision = self.model.get_vision_features(pixel_values=pixels)
-            encoded = EncodedImage(key, picture.rgb.shape[:2], tuple(vision.fpn_hidden_states), tuple(vision.fpn_position_encoding))
+            encoded = EncodedImage(picture.rgb.shape[:2], tuple(vision.fpn_hidden_states), tuple(vision.fpn_position_encoding))
             _synchronize(plan.device)
             self.counters["image_encodings"] += 1
             self._images.put(key, encoded)

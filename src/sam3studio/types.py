@@ -34,8 +34,8 @@ class Prompt:
 class Instance:
     """One matched object.
 
-    mask: (H, W) bool in original-image pixels. box: (x0, y0, x1, y1) in pixels, the tight box
-    of the mask (the model's own box when the mask is empty).
+    mask: (H, W) bool in original-image pixels, never empty. box: (x0, y0, x1, y1) in pixels,
+    the tight box of the mask, so that box, mask, RLE and polygons always agree.
     """
 
     label: str
