@@ -81,8 +81,11 @@ def test_weights_dtype(cpu_with):
     assert resolve("bf16", weights_dtype="bf16").weights_dtype is torch.bfloat16
     with pytest.raises(PrecisionError, match="cannot run"):
         resolve("bf16", weights_dtype="fp16")
+    fp16 = resolve("fp16", weights_dtype="fp16")  # fp16 runs as bf16 here, and so do its weights
+    assert fp16.weights_dtype is torch.bfloat16 and "weights stored as bf16" in fp16.reason
     cpu_with(native=False)
-    assert resolve("bf16", weights_dtype="bf16").weights_dtype is torch.float32  # follows the fp32 fallback
+    fallback = resolve("bf16", weights_dtype="bf16")
+    assert fallback.weights_dtype is torch.float32 and "weights stay fp32" in fallback.reason
 
 
 def test_sensitive_modules_compute_in_fp32_under_cpu_autocast(segmenter):

@@ -152,8 +152,8 @@ def resolve(
         used, reason = _resolve_cpu(requested, force)
     else:
         raise PrecisionError(f"Device {device.type!r} is not supported: use cpu or cuda.")
-    weights = _resolve_weights_dtype(weights_dtype, used)
-    return PrecisionPlan(requested, used, device, weights, reason)
+    weights, weights_note = _resolve_weights_dtype(weights_dtype, requested, used)
+    return PrecisionPlan(requested, used, device, weights, "; ".join(r for r in (reason, weights_note) if r))
 
 
 def _resolve_cuda(requested: Precision, force: bool) -> tuple[Precision, str]:
@@ -181,17 +181,18 @@ def _resolve_cpu(requested: Precision, force: bool) -> tuple[Precision, str]:
     )
 
 
-def _resolve_weights_dtype(weights_dtype: str | None, used: Precision) -> torch.dtype:
+def _resolve_weights_dtype(weights_dtype: str | None, requested: Precision, used: Precision) -> tuple[torch.dtype, str]:
+    """Half weights only run inside an autocast of the same dtype, so they follow the precision
+    actually used: fp32 weights when it fell back to fp32, bf16 weights when fp16 became bf16."""
     if weights_dtype is None or Precision.parse(weights_dtype) in (Precision.FP32, Precision.AUTO):
-        return torch.float32
+        return torch.float32, ""
     wanted = Precision.parse(weights_dtype)
-    # Half weights are only usable inside an autocast of the same dtype; when the precision fell
-    # back to fp32 the weights follow it.
+    if wanted is not requested and wanted is not used:
+        raise PrecisionError(f"--weights-dtype {wanted.value} cannot run under {used.value} autocast; use --weights-dtype {used.value}.")
     if used is Precision.FP32:
-        return torch.float32
-    if wanted is not used:
-        raise PrecisionError(f"Weights in {wanted.value} cannot run under {used.value} autocast; use --weights-dtype {used.value}.")
-    return DTYPES[wanted]
+        return torch.float32, f"weights stay fp32, not {wanted.value}"
+    note = "" if wanted is used else f"weights stored as {used.value}, not {wanted.value}"
+    return DTYPES[used], note
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
