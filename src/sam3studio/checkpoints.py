@@ -71,6 +71,27 @@ def tiny_config(vocab_size: int, image_size: int = 112):
     )
 
 
+SIZES = ("tiny", "full")
+
+
+def checkpoint_spec(size: str):
+    """(Sam3Config, Sam3Processor) for a checkpoint size: "tiny" or "full"."""
+    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Processor
+
+    tokenizer = byte_level_tokenizer()
+    if size == "tiny":
+        config = tiny_config(len(tokenizer))
+        image_processor = Sam3ImageProcessor(size={"height": 112, "width": 112}, mask_size={"height": 32, "width": 32})
+    elif size == "full":
+        config = Sam3Config()  # the real sizes, CLIP's 49,408-token embedding included
+        bos, eos = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id = bos, eos, eos
+        image_processor = Sam3ImageProcessor()
+    else:
+        raise ValueError(f"Unknown checkpoint size {size!r}: use one of {', '.join(SIZES)}.")
+    return config, Sam3Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def build_random_checkpoint(folder: str | Path, size: str = "tiny", *, seed: int = 0, init_std: float | None = 0.15) -> Path:
     """Write a random-weight SAM3 checkpoint of `size` ("tiny" or "full") to `folder`.
 
@@ -78,25 +99,17 @@ def build_random_checkpoint(folder: str | Path, size: str = "tiny", *, seed: int
     masks spread out (the default 0.02 init leaves all mask logits near zero, where every
     threshold test is a coin toss). None keeps transformers' own init.
     """
-    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+    from transformers import Sam3Model
 
     folder = Path(folder)
-    tokenizer = byte_level_tokenizer()
-    if size == "tiny":
-        config = tiny_config(len(tokenizer))
-        image_processor = Sam3ImageProcessor(size={"height": 112, "width": 112}, mask_size={"height": 32, "width": 32})
-    elif size == "full":
-        config = Sam3Config(text_config={"model_type": "clip_text_model", "vocab_size": len(tokenizer)})
-        image_processor = Sam3ImageProcessor()
-    else:
-        raise ValueError(f"Unknown checkpoint size {size!r}: use 'tiny' or 'full'.")
+    config, processor = checkpoint_spec(size)
     torch.manual_seed(seed)
     model = Sam3Model(config).eval()
     if init_std is not None:
         with torch.no_grad():
-            for name, param in model.named_parameters():
+            for param in model.parameters():
                 if param.ndim >= 2:
                     param.normal_(0.0, init_std)
     model.save_pretrained(folder, safe_serialization=True)
-    Sam3Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
