@@ -188,3 +188,26 @@ def test_cached_outputs_cannot_be_changed_by_a_caller(segmenter, scene):
     raw = segmenter.predict(scene, "red square")
     with pytest.raises(ValueError):
         raw.scores[0, 0] = 1.0
+
+
+@pytest.mark.slow
+def test_full_size_sam3_runs_through_the_segmenter(scene):
+    """The real architecture (840 M random weights, 1008 px input): shapes, fp32 outputs and the
+    batched path hold at full size, not only on the tiny model. About a minute on 2 CPU cores."""
+    from pathlib import Path
+
+    from transformers import Sam3Model
+
+    from sam3studio.checkpoints import checkpoint_spec
+    from sam3studio.loading import LoadedModel
+    from sam3studio.precision import resolve
+    from sam3studio.segmenter import Segmenter
+
+    config, processor = checkpoint_spec("full")
+    torch.manual_seed(0)
+    model = Sam3Model(config).eval()
+    seg = Segmenter(LoadedModel(model, processor, "full-random", Path("."), None), resolve("fp32"))
+    raw = seg.predict(scene, "red square, blue square", boxes=[[15, 10, 60, 50]])
+    assert raw.scores.shape == (2, 200) and raw.mask_logits.shape == (2, 200, 288, 288)
+    assert raw.mask_logits.dtype == np.float32 and np.isfinite(raw.mask_logits).all()
+    assert select(raw, threshold=0.0).image_size == (90, 130)
