@@ -132,7 +132,7 @@ def _remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     areas = stats[1:, cv2.CC_STAT_AREA]
     small = np.flatnonzero(areas < min_area) + 1
     small = small[small != 1 + np.argmax(areas)] if areas.size else small  # the main piece always stays
-    return mask & ~np.isin(labels, small) if small.size else mask
+    return mask & ~_label_table(count, small)[labels] if small.size else mask
 
 
 def _largest_region(mask: np.ndarray) -> np.ndarray:
@@ -149,7 +149,14 @@ def _fill_holes(mask: np.ndarray, max_area: int | None = None) -> np.ndarray:
     holes = np.setdiff1d(np.arange(1, count), border)
     if max_area is not None:
         holes = holes[stats[holes, cv2.CC_STAT_AREA] < max_area]
-    return mask | np.isin(labels, holes) if holes.size else mask
+    return mask | _label_table(count, holes)[labels] if holes.size else mask
+
+
+def _label_table(count: int, chosen: np.ndarray) -> np.ndarray:
+    """A lookup table: table[labels] marks the chosen components, far faster than np.isin."""
+    table = np.zeros(count, dtype=bool)
+    table[chosen] = True
+    return table
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
