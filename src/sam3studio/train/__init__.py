@@ -1,0 +1,1 @@
+"""Training: synthetic shapes data, the DETR-style set criterion, and the mixed-precision loop."""
