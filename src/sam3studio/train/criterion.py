@@ -1,0 +1,146 @@
+"""The DETR-style set criterion SAM3 is trained with: Hungarian matching of queries to target
+objects, then focal classification, L1 + GIoU box, focal + dice mask, presence and dense
+semantic losses. Everything here runs in fp32, whatever precision the forward pass used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
+
+from .data import PromptTarget
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    classification: float = 2.0
+    box_l1: float = 5.0
+    box_giou: float = 2.0
+    mask_focal: float = 5.0
+    mask_dice: float = 5.0
+    presence: float = 1.0
+    semantic: float = 1.0
+    aux: float = 1.0  # weight of the class and box losses of the earlier decoder layers
+
+
+@dataclass
+class Predictions:
+    """All decoder layers' outputs for R prompt rows, float32.
+
+    logits (L, R, Q); boxes (L, R, Q, 4) normalised xyxy; presence (L, R, 1);
+    masks (R, Q, M, M) logits of the last layer; semantic (R, 1, M, M) logits or None.
+    """
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    presence: torch.Tensor
+    masks: torch.Tensor
+    semantic: torch.Tensor | None = None
+
+
+def match(logits: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor | None, target: PromptTarget, weights: LossWeights) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian matching of Q queries to N targets for one prompt row: (query indices,
+    target indices). Costs are computed without gradients; the losses gather afterwards."""
+    if len(target.boxes) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    with torch.no_grad():
+        target_boxes = torch.as_tensor(target.boxes, device=boxes.device)
+        prob = logits.sigmoid()
+        alpha, gamma = 0.25, 2.0
+        positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+        negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+        cost = weights.classification * (positive - negative)[:, None]
+        cost = cost + weights.box_l1 * torch.cdist(boxes, target_boxes, p=1)
+        cost = cost - weights.box_giou * generalized_box_iou(boxes, target_boxes)
+        if masks is not None:
+            predicted = masks.sigmoid().flatten(1)
+            wanted = torch.as_tensor(target.masks, device=masks.device).flatten(1)
+            dice = 1 - (2 * predicted @ wanted.T + 1) / (predicted.sum(1)[:, None] + wanted.sum(1)[None] + 1)
+            cost = cost + weights.mask_dice * dice
+        queries, targets = linear_sum_assignment(cost.cpu().numpy())
+    return queries.astype(np.int64), targets.astype(np.int64)
+
+
+def set_criterion(predictions: Predictions, targets: list[PromptTarget], weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+    """Losses averaged per target object (DETR's normalisation); "total" is their weighted sum."""
+    p = Predictions(*(t.float() if t is not None else None for t in (predictions.logits, predictions.boxes, predictions.presence, predictions.masks, predictions.semantic)))
+    layers, rows, queries = p.logits.shape
+    device = p.logits.device
+    count = max(1, sum(len(t.boxes) for t in targets))
+    losses: dict[str, torch.Tensor] = {}
+    for layer in range(layers):
+        last = layer == layers - 1
+        matches = [match(p.logits[layer, r], p.boxes[layer, r], p.masks[r] if last else None, targets[r], weights) for r in range(rows)]
+        labels = torch.zeros(rows, queries, device=device)
+        for r, (q, _) in enumerate(matches):
+            labels[r, q] = 1.0
+        scale = 1.0 if last else weights.aux
+        cls = sigmoid_focal_loss(p.logits[layer], labels, reduction="sum") / count
+        l1, giou = _box_losses(p.boxes[layer], targets, matches, count)
+        _add(losses, "classification", scale * cls)
+        _add(losses, "box_l1", scale * l1)
+        _add(losses, "box_giou", scale * giou)
+        if last:
+            losses["mask_focal"], losses["mask_dice"] = _mask_losses(p.masks, targets, matches, count)
+    present = torch.tensor([[float(len(t.boxes) > 0)] for t in targets], device=device)
+    losses["presence"] = F.binary_cross_entropy_with_logits(p.presence, present.expand_as(p.presence))
+    if p.semantic is not None:
+        losses["semantic"] = _semantic_loss(p.semantic, targets)
+    losses["total"] = sum(getattr(weights, name) * value for name, value in losses.items())
+    return losses
+
+
+def _add(losses: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    losses[name] = losses[name] + value if name in losses else value
+
+
+def _box_losses(boxes: torch.Tensor, targets, matches, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    predicted, wanted = _gather(boxes, [torch.as_tensor(t.boxes) for t in targets], matches)
+    if predicted.numel() == 0:
+        zero = boxes.sum() * 0.0  # keeps the graph; no matched boxes in this batch
+        return zero, zero
+    l1 = F.l1_loss(predicted, wanted, reduction="sum") / count
+    giou = (1 - torch.diag(generalized_box_iou(predicted, wanted))).sum() / count
+    return l1, giou
+
+
+def _mask_losses(masks: torch.Tensor, targets, matches, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    predicted, wanted = _gather(masks, [torch.as_tensor(t.masks) for t in targets], matches)
+    if predicted.numel() == 0:
+        zero = masks.sum() * 0.0
+        return zero, zero
+    predicted, wanted = predicted.flatten(1), wanted.flatten(1)
+    focal = sigmoid_focal_loss(predicted, wanted, reduction="none").mean(1).sum() / count
+    prob = predicted.sigmoid()
+    dice = (1 - (2 * (prob * wanted).sum(1) + 1) / (prob.sum(1) + wanted.sum(1) + 1)).sum() / count
+    return focal, dice
+
+
+def _gather(values: torch.Tensor, target_values: list[torch.Tensor], matches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matched predictions (with gradients) and their targets, concatenated over rows."""
+    predicted, wanted = [], []
+    for r, (q, t) in enumerate(matches):
+        if len(q):
+            predicted.append(values[r, torch.as_tensor(q, device=values.device)])
+            wanted.append(target_values[r][torch.as_tensor(t)].to(values.device, torch.float32))
+    if not predicted:
+        return values.new_zeros(0), values.new_zeros(0)
+    return torch.cat(predicted), torch.cat(wanted)
+
+
+def _semantic_loss(semantic: torch.Tensor, targets: list[PromptTarget]) -> torch.Tensor:
+    """The dense head learns the union of a prompt's masks (empty for a negative prompt)."""
+    size = semantic.shape[-2:]
+    union = torch.stack(
+        [torch.as_tensor(t.masks).amax(0) if len(t.masks) else torch.zeros(size) for t in targets]
+    ).to(semantic.device, torch.float32)[:, None]
+    bce = F.binary_cross_entropy_with_logits(semantic, union)
+    prob = semantic.sigmoid().flatten(1)
+    flat = union.flatten(1)
+    dice = (1 - (2 * (prob * flat).sum(1) + 1) / (prob.sum(1) + flat.sum(1) + 1)).mean()
+    return bce + dice

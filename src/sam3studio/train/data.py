@@ -1,0 +1,145 @@
+"""COCO instance-segmentation data as SAM3 training samples: one image, several text prompts
+(category names, supercategory names, and names absent from the image as negatives), each with
+its target masks and boxes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from ..images import load_image
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message names what is wrong and where."""
+
+
+@dataclass
+class PromptTarget:
+    """One prompt and everything it should find. masks: (N, M, M) float32 in [0, 1] (area
+    fractions at mask resolution); boxes: (N, 4) normalised xyxy. N = 0 for a negative."""
+
+    text: str
+    masks: np.ndarray
+    boxes: np.ndarray
+
+
+@dataclass
+class TrainingSample:
+    pixels: np.ndarray  # (3, S, S) float32, normalised as the model's processor does
+    prompts: list[PromptTarget]
+
+
+class CocoSegmentationData:
+    """A validated COCO dataset: every image present, every annotation inside its image and of
+    a known category. Masks may be RLE (compressed or not) or polygons."""
+
+    def __init__(self, root: str | Path, *, annotations: str = "annotations.json", images: str = "images", supercategory_prompts: bool = True):
+        self.root = Path(root)
+        path = self.root / annotations
+        if not path.is_file():
+            raise DataError(f"{path}: no annotation file (a COCO instances JSON).")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: not readable JSON ({exc}).") from None
+        self.image_dir = self.root / images
+        self.images = {int(i["id"]): i for i in document.get("images", [])}
+        self.categories = {int(c["id"]): c for c in document.get("categories", [])}
+        self.annotations = document.get("annotations", [])
+        self.supercategory_prompts = supercategory_prompts
+        self._validate(path)
+        self.by_image: dict[int, list[dict]] = {i: [] for i in self.images}
+        for ann in self.annotations:
+            self.by_image[int(ann["image_id"])].append(ann)
+        self.image_ids = sorted(self.images)
+        self.vocabulary = sorted({name for c in self.categories.values() for name in self._names(c)})
+
+    def _validate(self, path: Path) -> None:
+        if not self.images or not self.annotations:
+            raise DataError(f"{path}: no {'images' if not self.images else 'annotations'}: nothing to learn from.")
+        missing = [i["file_name"] for i in self.images.values() if not (self.image_dir / i["file_name"]).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} image files listed in {path.name} are missing from {self.image_dir}, e.g. {missing[:3]}.")
+        for ann in self.annotations:
+            where = f"{path.name}: annotation {ann.get('id')}"
+            if int(ann.get("category_id", -1)) not in self.categories:
+                raise DataError(f"{where} has unknown category_id {ann.get('category_id')}.")
+            image = self.images.get(int(ann.get("image_id", -1)))
+            if image is None:
+                raise DataError(f"{where} refers to image_id {ann.get('image_id')}, which is not listed.")
+            _check_inside(ann, image, where)
+
+    def _names(self, category: dict) -> list[str]:
+        names = [category["name"]]
+        if self.supercategory_prompts and category.get("supercategory") and category["supercategory"] != category["name"]:
+            names.append(category["supercategory"])
+        return names
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def sample(self, index: int, rng: np.random.Generator, *, input_size: int, mask_size: int, mean, std, negatives: int = 2, flip: bool = True) -> TrainingSample:
+        """The image at `index` with one prompt per name present and up to `negatives` absent names."""
+        info = self.images[self.image_ids[index]]
+        image = load_image(self.image_dir / info["file_name"])
+        anns = self.by_image[self.image_ids[index]]
+        masks = np.stack([_decode(a, info["height"], info["width"]) for a in anns]) if anns else np.zeros((0, *image.shape[:2]), bool)
+        if flip and rng.random() < 0.5:
+            image, masks = image[:, ::-1], masks[:, :, ::-1]
+        pixels = cv2.resize(image, (input_size, input_size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        pixels = ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1)
+        groups: dict[str, list[int]] = {}
+        for i, ann in enumerate(anns):
+            for name in self._names(self.categories[int(ann["category_id"])]):
+                groups.setdefault(name, []).append(i)
+        absent = [n for n in self.vocabulary if n not in groups]
+        chosen = rng.choice(absent, size=min(negatives, len(absent)), replace=False).tolist() if absent else []
+        prompts = [_target(name, masks[idx], mask_size) for name, idx in groups.items()]
+        prompts += [PromptTarget(name, np.zeros((0, mask_size, mask_size), np.float32), np.zeros((0, 4), np.float32)) for name in chosen]
+        return TrainingSample(np.ascontiguousarray(pixels), prompts)
+
+
+def _target(name: str, masks: np.ndarray, mask_size: int) -> PromptTarget:
+    small = np.stack([cv2.resize(m.astype(np.float32), (mask_size, mask_size), interpolation=cv2.INTER_AREA) for m in masks])
+    height, width = masks.shape[1:]
+    boxes = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height])
+    return PromptTarget(name, small, np.asarray(boxes, np.float32))
+
+
+def _decode(ann: dict, height: int, width: int) -> np.ndarray:
+    segmentation = ann["segmentation"]
+    if isinstance(segmentation, list):  # polygons
+        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = coco_mask.frPyObjects(segmentation, height, width)
+    else:
+        counts = segmentation["counts"]
+        rle = {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return coco_mask.decode(rle).astype(bool)
+
+
+def _check_inside(ann: dict, image: dict, where: str) -> None:
+    height, width = int(image["height"]), int(image["width"])
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, dict):
+        if [int(v) for v in segmentation.get("size", [])] != [height, width]:
+            raise DataError(f"{where}: mask size {segmentation.get('size')} is not the image's {[height, width]}.")
+    elif isinstance(segmentation, list) and segmentation:
+        points = np.concatenate([np.asarray(p, dtype=float).reshape(-1, 2) for p in segmentation])
+        if points.min() < -1 or points[:, 0].max() > width + 1 or points[:, 1].max() > height + 1:
+            raise DataError(f"{where}: polygon points lie outside the {width}x{height} image.")
+    else:
+        raise DataError(f"{where} has no segmentation.")
+    x, y, w, h = (float(v) for v in ann.get("bbox", [0, 0, 0, 0]))
+    if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+        raise DataError(f"{where}: bbox {ann.get('bbox')} lies outside the {width}x{height} image.")

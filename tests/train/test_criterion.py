@@ -1,0 +1,93 @@
+import numpy as np
+import torch
+
+from sam3studio.train.criterion import LossWeights, Predictions, match, set_criterion
+from sam3studio.train.data import PromptTarget
+
+M = 16
+
+
+def _square_mask(x0, y0, x1, y1):
+    mask = np.zeros((M, M), np.float32)
+    mask[y0:y1, x0:x1] = 1.0
+    return mask
+
+
+def _target(*boxes_px):
+    masks = np.stack([_square_mask(*b) for b in boxes_px]) if boxes_px else np.zeros((0, M, M), np.float32)
+    boxes = np.asarray([[v / M for v in b] for b in boxes_px], np.float32).reshape(-1, 4)
+    return PromptTarget("thing", masks, boxes)
+
+
+def _predictions(queries=4, layers=2, rows=1):
+    """Queries that predict nothing in particular: mid boxes, flat masks, low scores."""
+    logits = torch.full((layers, rows, queries), -3.0)
+    boxes = torch.tensor([0.3, 0.3, 0.6, 0.6]).repeat(layers, rows, queries, 1)
+    masks = torch.full((rows, queries, M, M), -4.0)
+    presence = torch.zeros(layers, rows, 1)
+    return Predictions(logits, boxes, presence, masks, torch.zeros(rows, 1, M, M))
+
+
+def _make_query_exact(p: Predictions, row: int, query: int, box_px):
+    p.boxes[:, row, query] = torch.tensor([v / M for v in box_px])
+    p.masks[row, query] = torch.from_numpy(_square_mask(*box_px)) * 16 - 8
+    p.logits[:, row, query] = 4.0
+
+
+def test_matching_finds_the_query_that_fits():
+    target = _target((2, 2, 8, 8), (10, 10, 15, 14))
+    p = _predictions()
+    _make_query_exact(p, 0, 2, (2, 2, 8, 8))
+    _make_query_exact(p, 0, 0, (10, 10, 15, 14))
+    queries, targets = match(p.logits[-1, 0], p.boxes[-1, 0], p.masks[0], target, LossWeights())
+    assert dict(zip(targets.tolist(), queries.tolist())) == {0: 2, 1: 0}
+
+
+def test_exact_predictions_cost_less_than_wrong_ones():
+    target = [_target((2, 2, 8, 8))]
+    good, bad = _predictions(), _predictions()
+    _make_query_exact(good, 0, 1, (2, 2, 8, 8))
+    _make_query_exact(bad, 0, 1, (9, 9, 15, 15))  # a confident query in the wrong place
+    good_losses, bad_losses = set_criterion(good, target), set_criterion(bad, target)
+    assert good_losses["box_l1"] < 1e-6 and good_losses["box_giou"] < 1e-6
+    assert good_losses["mask_dice"] < 0.05 < bad_losses["mask_dice"]
+    assert good_losses["total"] < bad_losses["total"]
+
+
+def test_negative_prompt_trains_scores_and_presence_down():
+    p = _predictions()
+    p.logits.fill_(3.0)
+    p.presence.fill_(3.0)
+    p.logits.requires_grad_(True)
+    p.presence.requires_grad_(True)
+    losses = set_criterion(p, [_target()])
+    assert losses["box_l1"] == 0 and losses["mask_dice"] == 0
+    losses["total"].backward()
+    assert (p.logits.grad > 0).all() and (p.presence.grad > 0).all(), "gradient descent lowers them"
+
+
+def test_gradients_reach_matched_boxes_and_masks():
+    p = _predictions()
+    for tensor in (p.boxes, p.masks, p.logits):
+        tensor.requires_grad_(True)
+    set_criterion(p, [_target((2, 2, 8, 8))])["total"].backward()
+    assert p.boxes.grad.abs().sum() > 0 and p.masks.grad.abs().sum() > 0
+    matched_rows = (p.masks.grad.abs().sum(dim=(2, 3)) > 0).sum()
+    assert matched_rows == 1, "only the matched query's mask is trained"
+
+
+def test_losses_are_fp32_for_bf16_predictions():
+    p = _predictions()
+    p = Predictions(*(t.bfloat16() for t in (p.logits, p.boxes, p.presence, p.masks, p.semantic)))
+    losses = set_criterion(p, [_target((2, 2, 8, 8))])
+    assert all(v.dtype is torch.float32 for v in losses.values())
+
+
+def test_every_layer_is_matched_on_its_own():
+    target = [_target((2, 2, 8, 8))]
+    p = _predictions(layers=3)
+    _make_query_exact(p, 0, 1, (2, 2, 8, 8))
+    p.boxes[0, 0, 1] = torch.tensor([0.9, 0.9, 1.0, 1.0])  # the first layer's query 1 is far off
+    p.boxes[0, 0, 3] = torch.tensor([v / M for v in (2, 2, 8, 8)])  # but its query 3 fits
+    p.logits[0, 0, 3] = 4.0
+    assert set_criterion(p, target)["box_l1"] < 1e-6
