@@ -1,0 +1,376 @@
+"""The mixed-precision training loop: AdamW, warmup + cosine schedule, gradient clipping,
+checkpoints (safetensors) that resume exactly, and a clean stop on Ctrl-C or SIGTERM.
+
+The forward pass runs under the core's precision plan (bf16 autocast on a CPU where bf16 is
+fast, fp16 + GradScaler or bf16 on CUDA); the loss is always computed in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..precision import Precision, PrecisionPlan, keep_sensitive_modules_fp32, resolve
+from .criterion import LossWeights, Predictions, set_criterion
+from .data import CocoSegmentationData, TrainingSample
+
+CHECKPOINT_DIR = "checkpoint"
+FREEZABLE = {"vision": ("vision_encoder",), "text": ("text_encoder", "text_projection")}
+
+
+@dataclass
+class TrainConfig:
+    data: str  # COCO dataset folder (annotations.json + images/)
+    out: str  # run folder: checkpoint/, metrics.json, loss_curve.png
+    model: str | None = None  # hub id or folder to fine-tune; None trains a fresh "demo" architecture
+    steps: int = 2000
+    images_per_step: int = 4
+    negatives_per_image: int = 2
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    freeze: tuple[str, ...] = ()
+    checkpoint_every: int = 100
+    log_every: int = 10
+    device: str = "cpu"
+    image_size: int = 336  # input size of a fresh demo architecture
+    weights: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class StepLog:
+    step: int
+    losses: dict[str, float]
+    lr: float
+    seconds: float
+
+
+class LayerCapture:
+    """Collect what `Sam3Model.forward` computes for every decoder layer but returns only for
+    the last one: scores, reference boxes and box offsets, presence logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._handles = [
+            model.detr_decoder.register_forward_hook(self._on_decoder),
+            model.dot_product_scoring.register_forward_hook(self._on_scores),
+            model.detr_decoder.box_head.register_forward_hook(self._on_box_head),
+        ]
+
+    def _on_decoder(self, module, args, output) -> None:
+        self.decoder = output
+
+    def _on_scores(self, module, args, output) -> None:
+        self.scores = output
+
+    def _on_box_head(self, module, args, output) -> None:
+        if output.dim() == 4:  # the all-layers call in Sam3Model.forward, not the per-layer refinement
+            self.offsets = output
+
+    def predictions(self, output) -> Predictions:
+        from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
+
+        boxes = box_cxcywh_to_xyxy((inverse_sigmoid(self.decoder.reference_boxes) + self.offsets).sigmoid())
+        return Predictions(self.scores.squeeze(-1), boxes, self.decoder.presence_logits, output.pred_masks, output.semantic_seg)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: PrecisionPlan) -> tuple[Predictions, list]:
+    """Encode each image once, then run every prompt of every image in one batched pass."""
+    from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+    device = plan.device
+    pixels = torch.from_numpy(np.stack([s.pixels for s in samples])).to(device)
+    rows = [(i, p) for i, s in enumerate(samples) for p in s.prompts]
+    image_index = torch.tensor([i for i, _ in rows], device=device)
+    tokens = tokenizer([p.text for _, p in rows], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    capture = LayerCapture(model)
+    try:
+        with plan.autocast():
+            vision = model.get_vision_features(pixel_values=pixels)
+            per_row = Sam3VisionEncoderOutput(
+                fpn_hidden_states=tuple(t[image_index] for t in vision.fpn_hidden_states),
+                fpn_position_encoding=tuple(t[image_index] for t in vision.fpn_position_encoding),
+            )
+            output = model(vision_embeds=per_row, input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
+        return capture.predictions(output), [p for _, p in rows]
+    finally:
+        capture.close()
+
+
+def scale_mask_logits_at_init(model, processor, target_std: float = 2.0) -> float:
+    """transformers' init leaves mask logits near 1e-3 (a product of two small projections),
+    which gives the mask losses almost no gradient; scale the mask embedder's output layer so
+    the first masks have logits of a useful size. Returns the factor applied."""
+    rng = np.random.default_rng(0)
+    size = processor.image_processor.size["height"]
+    pixels = torch.from_numpy(rng.normal(size=(1, 3, size, size)).astype(np.float32))
+    tokens = processor.tokenizer(["a thing"], padding="max_length", max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        std = model(pixel_values=pixels, **tokens).pred_masks.std().item()
+        factor = target_std / max(std, 1e-8)
+        layer = model.mask_decoder.mask_embedder.layers[-1]
+        layer.weight.mul_(factor)
+        if layer.bias is not None:
+            layer.bias.mul_(factor)
+    return factor
+
+
+def _schedule(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "embed" in name or "norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _freeze(model, parts: tuple[str, ...]) -> None:
+    for part in parts:
+        if part not in FREEZABLE:
+            raise ValueError(f"--freeze takes {', '.join(FREEZABLE)}; got {part!r}.")
+        for prefix in FREEZABLE[part]:
+            for param in getattr(model, prefix).parameters():
+                param.requires_grad_(False)
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule and data of one run folder."""
+
+    def __init__(self, config: TrainConfig, model, processor):
+        self.config = config
+        self.out = Path(config.out)
+        self.model, self.processor = model.to(config.device), processor
+        self.plan = resolve(config.precision, config.device)
+        keep_sensitive_modules_fp32(self.model)
+        _freeze(self.model, config.freeze)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        cuda_fp16 = self.plan.device.type == "cuda" and self.plan.used is Precision.FP16
+        self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None
+        self.data = CocoSegmentationData(config.data)
+        self.step = 0
+        self.history: list[dict] = []
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def batch(self, step: int) -> list[TrainingSample]:
+        """The batch of `step` depends on (seed, step) alone, so a resumed run sees the same data."""
+        rng = np.random.default_rng([self.config.seed, step])
+        processor = self.processor.image_processor
+        grid = processor.mask_size["height"]
+        indices = rng.choice(len(self.data), size=self.config.images_per_step, replace=len(self.data) < self.config.images_per_step)
+        return [
+            self.data.sample(int(i), rng, input_size=processor.size["height"], mask_size=grid, mean=processor.image_mean, std=processor.image_std, negatives=self.config.negatives_per_image)
+            for i in indices
+        ]
+
+    def train_step(self) -> dict[str, float]:
+        torch.manual_seed(self.config.seed * 1_000_003 + self.step)  # dropout, reproducible on resume
+        self.model.train()
+        predictions, targets = forward_batch(self.model, self.processor.tokenizer, self.batch(self.step), self.plan)
+        losses = set_criterion(predictions, targets, self.config.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(losses["total"]).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self, on_log: Callable[[StepLog], None] | None = None) -> bool:
+        """Train to `config.steps`, checkpointing as configured. Returns False when stopped early
+        by a signal (after saving a checkpoint), True when finished."""
+        window: list[dict[str, float]] = []
+        started = time.perf_counter()
+        with _stop_requests() as stop:
+            while self.step < self.config.steps:
+                window.append(self.train_step())
+                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    log = StepLog(self.step, _mean(window), self.scheduler.get_last_lr()[0], (time.perf_counter() - started) / len(window))
+                    self.history.append(asdict(log))
+                    window, started = [], time.perf_counter()
+                    if on_log:
+                        on_log(log)
+                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps or stop.is_set():
+                    self.save()
+                if stop.is_set():
+                    return False
+        return True
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Write the checkpoint to a fresh folder, then swap it in: a crash never leaves half of one."""
+        from safetensors.torch import save_file
+
+        final = self.out / CHECKPOINT_DIR
+        partial = self.out / (CHECKPOINT_DIR + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.model.save_pretrained(partial, safe_serialization=True)
+        self.processor.save_pretrained(partial)
+        tensors, meta = _optimizer_tensors(self.optimizer.state_dict())
+        save_file(tensors, partial / "optimizer.safetensors")
+        state = {
+            "step": self.step,
+            "optimizer": meta,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "config": _config_dict(self.config),
+        }
+        (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        (self.out / "metrics.json").write_text(json.dumps({"config": _config_dict(self.config), "log": self.history}, indent=1))
+        plot_losses(self.history, self.out / "loss_curve.png")
+        return final
+
+    def resume(self) -> bool:
+        """Load optimizer, schedule and step from the run folder's checkpoint, if there is one.
+        The model weights are loaded by whoever built the model (see `train`)."""
+        from safetensors.torch import load_file
+
+        folder = self.out / CHECKPOINT_DIR
+        if not (folder / "trainer_state.json").is_file():
+            return False
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.optimizer.load_state_dict(_optimizer_state(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        metrics = self.out / "metrics.json"
+        if metrics.is_file():
+            self.history = [entry for entry in json.loads(metrics.read_text())["log"] if entry["step"] <= self.step]
+        return True
+
+
+def _mean(window: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+
+
+def _config_dict(config: TrainConfig) -> dict:
+    return asdict(config)
+
+
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into safetensors-storable tensors and JSON metadata."""
+    tensors = {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            tensors[f"{index}.{key}"] = value.detach().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """Turn Ctrl-C and SIGTERM into a request to stop after the current step (main thread only)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """The loss curve as a PNG: total and each component, log scale."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for name in history[0]["losses"]:
+        axis.plot(steps, [h["losses"][name] for h in history], label=name, linewidth=2.2 if name == "total" else 1.0)
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend(fontsize=7, ncol=2)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def load_for_training(config: TrainConfig):
+    """(model, processor): the run's own checkpoint when resuming, else the model to fine-tune,
+    else a fresh demo architecture with its mask logits scaled to a useful size."""
+    from transformers import Sam3Model, Sam3Processor
+
+    from ..loading import load_model
+    from .presets import build_demo_model
+
+    checkpoint = Path(config.out) / CHECKPOINT_DIR
+    if (checkpoint / "trainer_state.json").is_file():
+        model = Sam3Model.from_pretrained(checkpoint, use_safetensors=True, local_files_only=True)
+        return model, Sam3Processor.from_pretrained(checkpoint, local_files_only=True)
+    if config.model:
+        loaded = load_model(config.model, device="cpu")
+        return loaded.model, loaded.processor
+    model, processor = build_demo_model(config.image_size, seed=config.seed)
+    scale_mask_logits_at_init(model, processor)
+    return model, processor
+
+
+def train(config: TrainConfig, on_log: Callable[[StepLog], None] | None = None) -> Trainer:
+    """Train (or resume) the run in `config.out`; returns the trainer, whose step tells how far it got."""
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    model, processor = load_for_training(config)
+    trainer = Trainer(config, model, processor)
+    trainer.resume()
+    trainer.run(on_log)
+    return trainer
