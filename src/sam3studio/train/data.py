@@ -85,6 +85,19 @@ class CocoSegmentationData:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self.images[self.image_ids[index]]["file_name"]
+
+    def ground_truth(self, index: int) -> dict[str, np.ndarray]:
+        """{prompt name: (N, H, W) bool masks at full resolution} for the names present."""
+        info = self.images[self.image_ids[index]]
+        groups: dict[str, list[np.ndarray]] = {}
+        for ann in self.by_image[self.image_ids[index]]:
+            mask = _decode(ann, info["height"], info["width"])
+            for name in self._names(self.categories[int(ann["category_id"])]):
+                groups.setdefault(name, []).append(mask)
+        return {name: np.stack(masks) for name, masks in groups.items()}
+
     def sample(self, index: int, rng: np.random.Generator, *, input_size: int, mask_size: int, mean, std, negatives: int = 2, flip: bool = True) -> TrainingSample:
         """The image at `index` with one prompt per name present and up to `negatives` absent names."""
         info = self.images[self.image_ids[index]]

@@ -1,0 +1,138 @@
+"""Mask quality of a model on a COCO dataset, per precision mode: the numbers behind
+`sam3studio eval` and the benchmark's quality column.
+
+Each image is run once per mode with every name present in it (category and supercategory)
+plus a few absent names (negatives, the same ones for every mode). The raw outputs are kept, so
+any threshold can be scored, and a model's default threshold calibrated, without rerunning it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from .postprocess import select
+from .segmenter import Segmenter
+from .train.data import CocoSegmentationData
+from .types import RawPrediction
+
+
+@dataclass
+class EvalCase:
+    raw: RawPrediction
+    truth: dict[str, np.ndarray]  # prompt name -> (N, H, W) masks
+    negatives: list[str]
+
+
+@dataclass
+class EvalReport:
+    precision: str
+    threshold: float
+    miou: float  # mean over ground-truth instances of the IoU of their matched mask (0 if none)
+    precision_at_50: float  # matched predictions with IoU >= 0.5 / all predictions on positive prompts
+    recall_at_50: float
+    negative_fp_rate: float  # negative prompts that returned anything / all negative prompts
+    duplicates: int  # extra predictions overlapping an already-found object (IoU >= 0.5)
+    images: int
+    instances: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negatives_per_image: int = 2, seed: int = 0, limit: int | None = None) -> tuple[list[EvalCase], float]:
+    """Run the model once per image; returns the cases and the seconds spent."""
+    cases = []
+    started = time.perf_counter()
+    for index in range(min(len(data), limit or len(data))):
+        truth = data.ground_truth(index)
+        absent = [n for n in data.vocabulary if n not in truth]
+        rng = np.random.default_rng([seed, index])
+        negatives = rng.choice(absent, size=min(negatives_per_image, len(absent)), replace=False).tolist() if absent else []
+        raw = seg.predict(data.image_path(index), list(truth) + negatives, precision=precision)
+        cases.append(EvalCase(raw, truth, negatives))
+    return cases, time.perf_counter() - started
+
+
+def score(cases: list[EvalCase], threshold: float, *, refine: int = 0, label: str = "") -> EvalReport:
+    ious: list[float] = []
+    predicted = true_positive = duplicates = 0
+    negatives = negative_hits = 0
+    for case in cases:
+        result = select(case.raw, threshold=threshold, refine=refine)
+        by_prompt: dict[str, list[np.ndarray]] = {}
+        for inst in result.instances:
+            by_prompt.setdefault(inst.label, []).append(inst.mask)
+        for name, truth in case.truth.items():
+            found = by_prompt.get(name, [])
+            matched = _match(truth, found)
+            ious += matched
+            predicted += len(found)
+            hits = sum(iou >= 0.5 for iou in matched)
+            true_positive += hits
+            duplicates += _duplicates(truth, found)
+        for name in case.negatives:
+            negatives += 1
+            negative_hits += bool(by_prompt.get(name))
+    return EvalReport(
+        precision=label or (cases[0].raw.precision_used if cases else ""),
+        threshold=threshold,
+        miou=float(np.mean(ious)) if ious else 0.0,
+        precision_at_50=true_positive / predicted if predicted else 0.0,
+        recall_at_50=true_positive / len(ious) if ious else 0.0,
+        negative_fp_rate=negative_hits / negatives if negatives else 0.0,
+        duplicates=duplicates,
+        images=len(cases),
+        instances=len(ious),
+        seconds=0.0,
+    )
+
+
+def calibrate_threshold(cases: list[EvalCase], candidates: np.ndarray | None = None) -> float:
+    """The score threshold with the best F1 at IoU 0.5, counting anything found for a negative
+    prompt as a false positive. Ties go to the lower threshold."""
+    best, best_f1 = 0.5, -1.0
+    for threshold in candidates if candidates is not None else np.round(np.arange(0.05, 0.951, 0.025), 3):
+        report = score(cases, float(threshold))
+        found_on_negatives = report.negative_fp_rate * sum(len(c.negatives) for c in cases)
+        tp = report.recall_at_50 * report.instances
+        predicted = (tp / report.precision_at_50 if report.precision_at_50 else 0.0) + found_on_negatives
+        f1 = 2 * tp / (predicted + report.instances) if predicted + report.instances else 0.0
+        if f1 > best_f1 + 1e-9:
+            best, best_f1 = float(threshold), f1
+    return best
+
+
+def _iou_matrix(truth: np.ndarray, found: list[np.ndarray]) -> np.ndarray:
+    t = truth.reshape(len(truth), -1).astype(np.float32)
+    f = np.stack(found).reshape(len(found), -1).astype(np.float32)
+    inter = t @ f.T
+    union = t.sum(1)[:, None] + f.sum(1)[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def _match(truth: np.ndarray, found: list[np.ndarray]) -> list[float]:
+    """IoU of each ground-truth mask with its Hungarian-matched prediction (0 when unmatched)."""
+    if not found:
+        return [0.0] * len(truth)
+    ious = _iou_matrix(truth, found)
+    rows, cols = linear_sum_assignment(-ious)
+    matched = [0.0] * len(truth)
+    for r, c in zip(rows, cols):
+        matched[r] = float(ious[r, c])
+    return matched
+
+
+def _duplicates(truth: np.ndarray, found: list[np.ndarray]) -> int:
+    """Predictions that are not an object's match at IoU >= 0.5 yet cover an object by IoU >= 0.5:
+    a second mask for something already found."""
+    if not found:
+        return 0
+    ious = _iou_matrix(truth, found)
+    rows, cols = linear_sum_assignment(-ious)
+    true_matches = {c for r, c in zip(rows, cols) if ious[r, c] >= 0.5}
+    return sum(1 for c in range(len(found)) if c not in true_matches and ious[:, c].max() >= 0.5)

@@ -1,0 +1,60 @@
+import numpy as np
+
+from sam3studio.evaluate import EvalCase, calibrate_threshold, collect, score
+from sam3studio.types import Prompt, RawPrediction
+
+
+def _logits(box, size=(20, 20)):
+    logits = np.full(size, -10.0, np.float32)
+    x0, y0, x1, y1 = box
+    logits[y0:y1, x0:x1] = 10.0
+    return logits
+
+
+def _mask(box, size=(20, 20)):
+    return _logits(box, size) > 0
+
+
+def _case():
+    """Prompt "a": two objects, found once exactly and once as a duplicate; prompt "b": absent
+    (negative) but the model answers with a score of 0.4."""
+    scores = np.array([[0.9, 0.8, 0.2], [0.4, 0.1, 0.1]], np.float32)
+    masks = np.stack([
+        [_logits((0, 0, 10, 10)), _logits((0, 0, 10, 9)), _logits((12, 12, 20, 20))],
+        [_logits((5, 5, 15, 15)), _logits((0, 0, 1, 1)), _logits((0, 0, 1, 1))],
+    ])
+    raw = RawPrediction((20, 20), [Prompt("a"), Prompt("b")], scores, np.zeros((2, 3, 4), np.float32), masks, "t", "fp32", "fp32")
+    truth = {"a": np.stack([_mask((0, 0, 10, 10)), _mask((12, 12, 20, 20))])}
+    return EvalCase(raw, truth, ["b"])
+
+
+def test_scores_known_answers():
+    report = score([_case()], threshold=0.5)
+    # object 1 matched with IoU 1.0, object 2 missed (its query scores 0.2) -> mIoU 0.5
+    assert report.miou == 0.5 and report.recall_at_50 == 0.5
+    assert report.precision_at_50 == 0.5  # two predictions, one true
+    assert report.duplicates == 1  # the 10x9 copy of object 1
+    assert report.negative_fp_rate == 0.0  # "b" scored 0.4 < 0.5
+    low = score([_case()], threshold=0.15)
+    assert low.miou == 1.0 and low.recall_at_50 == 1.0 and low.negative_fp_rate == 1.0
+
+
+def test_calibration_trades_recall_against_false_positives():
+    # F1 = 2 TP / (predictions + objects). 0.15: 2 TP, 4 predictions (one on the negative): 4/6.
+    # 0.3 and 0.5: 1 TP of 2 (plus the negative at 0.3): 2/5 and 2/4. 0.85: 1 TP of 1: 2/3.
+    assert calibrate_threshold([_case()], np.array([0.3, 0.5])) == 0.5
+    assert calibrate_threshold([_case()], np.array([0.3, 0.5, 0.85])) == 0.85
+    assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85])) == 0.15  # a tie goes lower
+
+
+def test_collect_runs_the_model_on_a_dataset(tmp_path, segmenter):
+    from sam3studio.train.data import CocoSegmentationData
+    from sam3studio.train.shapes import SceneConfig, write_dataset
+
+    data = CocoSegmentationData(write_dataset(tmp_path / "d", 3, seed=5, config=SceneConfig(min_side=64, max_side=96)))
+    cases, seconds = collect(segmenter, data, precision="fp32", negatives_per_image=2)
+    assert len(cases) == 3 and seconds > 0
+    again, _ = collect(segmenter, data, precision="fp32", negatives_per_image=2)
+    assert [c.negatives for c in cases] == [c.negatives for c in again], "the same negatives for every mode"
+    report = score(cases, 0.0)
+    assert 0.0 <= report.miou <= 1.0 and report.instances == sum(len(m) for c in cases for m in c.truth.values())
