@@ -43,6 +43,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     precision: str = "auto"
+    force_precision: bool = False  # run bf16/fp16 even on a CPU where they are slow
     seed: int = 0
     freeze: tuple[str, ...] = ()
     checkpoint_every: int = 100
@@ -167,7 +168,7 @@ class Trainer:
         self.config = config
         self.out = Path(config.out)
         self.model, self.processor = model.to(config.device), processor
-        self.plan = resolve(config.precision, config.device)
+        self.plan = resolve(config.precision, config.device, force=config.force_precision)
         keep_sensitive_modules_fp32(self.model)
         _freeze(self.model, config.freeze)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
@@ -219,7 +220,7 @@ class Trainer:
         by a signal (after saving a checkpoint), True when finished."""
         window: list[dict[str, float]] = []
         started = time.perf_counter()
-        with _stop_requests() as stop:
+        with _stop_requests() as stop, _deterministic():
             while self.step < self.config.steps:
                 window.append(self.train_step())
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
@@ -321,6 +322,18 @@ def _stop_requests() -> Iterator[threading.Event]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic kernels while training, so that a resumed run retraces an uninterrupted
+    one exactly (CPU backward passes otherwise differ in the last bits from run to run)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
