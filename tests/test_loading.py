@@ -111,3 +111,18 @@ def test_truncated_or_mismatched_weights_are_load_errors(tiny_checkpoint, tmp_pa
     for folder in (truncated, mismatched):
         with pytest.raises(ModelLoadError, match="does not hold a loadable SAM3 model"):
             load_model(str(folder))
+
+
+def test_a_model_can_ship_its_own_score_threshold(tiny_checkpoint, tmp_path, scene):
+    import json
+
+    folder = tmp_path / "calibrated"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "sam3studio.json").write_text(json.dumps({"score_threshold": 0.0}))
+    seg = load_segmenter(str(folder), precision="fp32")
+    assert seg.default_threshold == 0.0
+    assert seg.segment(scene, "red square").instances, "threshold 0 keeps every non-empty mask"
+    assert load_segmenter(str(tiny_checkpoint), precision="fp32").default_threshold == 0.5
+    (folder / "sam3studio.json").write_text(json.dumps({"score_threshold": 7}))
+    with pytest.raises(ModelLoadError, match="not between 0 and 1"):
+        load_model(str(folder))

@@ -43,7 +43,7 @@ def segment(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to find, comma-separated: 'red car, dog'. 'dog:0.3' sets that prompt's threshold.")] = "",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; nothing is written outside it.")] = Path("out"),
     model: Annotated[str, typer.Option(help="Hub id (facebook/sam3), local folder, or 'demo'.", envvar="SAM3_MODEL")] = "demo",
-    threshold: Annotated[float, typer.Option(help="Keep objects scoring at least this (0-1).")] = 0.5,
+    threshold: Annotated[Optional[float], typer.Option(help="Keep objects scoring at least this (0-1). Default: the model's own calibrated threshold, else 0.5.")] = None,
     mask_threshold: Annotated[float, typer.Option(help="Pixel probability above which a pixel is in the mask.")] = 0.5,
     refine: Annotated[int, typer.Option(help="Mask refinement: 0 raw, 1 clean specks and pinholes, 2 also smooth edges, 3 also one solid piece.")] = 0,
     nms: Annotated[Optional[float], typer.Option(help="Drop an object overlapping a better-scoring one by this IoU or more (same object found by two prompts).")] = None,
@@ -62,7 +62,7 @@ def segment(
     from .prompts import attach_boxes, parse_prompts
 
     formats = _parse_formats(output_format)
-    check_options(threshold, mask_threshold, refine, nms)
+    check_options(0.5 if threshold is None else threshold, mask_threshold, refine, nms)
     boxes, negatives = _parse_boxes(box or []), _parse_boxes(negative_box or [])
     all_boxes = boxes + negatives
     all_labels = [1] * len(boxes) + [0] * len(negatives)

@@ -4,6 +4,7 @@ them safely: safetensors only, every weight accounted for, errors that say what 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"
 # What a SAM3 snapshot needs; never *.bin or *.pt, which would be unpickled.
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.md"]
+SETTINGS_FILE = "sam3studio.json"  # settings a model ships with, e.g. its calibrated score threshold
+DEFAULT_SCORE_THRESHOLD = 0.5
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -28,6 +31,7 @@ class LoadedModel:
     name: str  # what the user asked for: hub id, folder or "demo"
     folder: Path  # where the files were read from
     revision: str | None  # hub commit hash, when loaded from the hub cache
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD  # the model's own default, from SETTINGS_FILE
 
 
 def offline_requested(offline: bool | None = None) -> bool:
@@ -130,7 +134,21 @@ def load_model(
             f"{folder}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[:3]}); "
             "it is not a complete SAM3 model."
         )
-    return LoadedModel(model.to(device).eval(), processor, str(name), folder, hub_revision)
+    return LoadedModel(model.to(device).eval(), processor, str(name), folder, hub_revision, _score_threshold(folder))
+
+
+def _score_threshold(folder: Path) -> float:
+    """The threshold calibrated for this model, if it ships one; 0.5 otherwise."""
+    path = folder / SETTINGS_FILE
+    if not path.is_file():
+        return DEFAULT_SCORE_THRESHOLD
+    try:
+        value = float(json.loads(path.read_text(encoding="utf-8"))["score_threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{path} is not valid: {exc}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ModelLoadError(f"{path}: score_threshold {value} is not between 0 and 1.")
+    return value
 
 
 def _require_safetensors(folder: Path) -> None:

@@ -122,6 +122,11 @@ class Segmenter:
     def model_name(self) -> str:
         return self.loaded.name
 
+    @property
+    def default_threshold(self) -> float:
+        """The score threshold calibrated for this model (0.5 when it ships none)."""
+        return self.loaded.score_threshold
+
     def plan_for(self, precision: str | Precision | None) -> PrecisionPlan:
         """The plan for a per-call precision; weights stay in the dtype they were loaded in."""
         if precision is None:
@@ -144,7 +149,7 @@ class Segmenter:
         image: ImageInput,
         prompts: PromptsInput | None = None,
         *,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         mask_threshold: float = 0.5,
         refine: int = 0,
         nms_iou: float | None = None,
@@ -153,8 +158,10 @@ class Segmenter:
         box_labels: Sequence[int] | None = None,
     ) -> Result:
         """Find every object matching each prompt. See `predict` for the inputs and
-        `postprocess.select` for threshold, mask_threshold, refine and nms_iou."""
+        `postprocess.select` for threshold (default: the model's own, see `default_threshold`),
+        mask_threshold, refine and nms_iou."""
         started = time.perf_counter()
+        threshold = self.default_threshold if threshold is None else threshold
         postprocess.check_options(threshold, mask_threshold, refine, nms_iou)
         raw = self.predict(image, prompts, precision=precision, boxes=boxes, box_labels=box_labels)
         result = postprocess.select(raw, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms_iou)
