@@ -101,3 +101,29 @@ def test_info_reports_bf16_support(tmp_path):
     proc = run("info", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "native bf16" in proc.stdout and "--precision auto" in proc.stdout and "runs fp32 on cpu" in proc.stdout
+
+
+def test_train_then_eval(tiny_checkpoint, tmp_path):
+    from sam3studio.train.shapes import SceneConfig, write_dataset
+
+    shapes = write_dataset(tmp_path / "shapes", 3, seed=2, config=SceneConfig(min_side=64, max_side=96, max_objects=2))
+    run_dir = tmp_path / "run"
+    proc = run("train", "--data", str(shapes), "--model", str(tiny_checkpoint), "--steps", "3", "--images-per-step", "2",
+               "--out", str(run_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "checkpoint" / "model.safetensors").is_file() and "done: 3 steps" in proc.stderr
+    report = tmp_path / "eval.json"
+    proc = run("eval", "--model", str(run_dir / "checkpoint"), "--data", str(shapes), "--precision", "fp32,bf16",
+               "--force-precision", "--threshold", "0.1", "--json", str(report), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(report.read_text())
+    assert [r["precision"] for r in rows] == ["fp32 (ran fp32)", "bf16 (ran bf16)"]
+    assert all(0 <= r["miou"] <= 1 and r["images"] == 3 for r in rows)
+    assert "mIoU" in proc.stdout
+
+
+def test_train_needs_data_or_a_preset(tmp_path):
+    proc = run("train", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert proc.returncode == 2 and "--data" in proc.stderr
+    proc = run("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert proc.returncode == 2 and "no annotation file" in proc.stderr

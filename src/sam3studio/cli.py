@@ -142,6 +142,100 @@ def info() -> None:
     Console().print(table)
 
 
+@app.command()
+def train(
+    data: Annotated[Optional[Path], typer.Option(help="COCO dataset folder: annotations.json + images/ (category names become prompts).")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoint/, metrics.json, loss_curve.png. An existing run resumes.")] = Path("runs/train"),
+    preset: Annotated[Optional[str], typer.Option(help="'demo': render the shapes data, train the demo model from scratch, calibrate it and install it as --model demo.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Hub id or folder to fine-tune; default: a fresh demo-size model.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all (default 2000; the demo preset has its own).")] = None,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16, resolved as for inference: bf16 autocast only where this CPU runs it fast; fp16 with a GradScaler on CUDA.")] = "auto",
+    force_precision: Annotated[bool, typer.Option("--force-precision", help="Train in the precision asked for even where it is slow.")] = False,
+    freeze: Annotated[str, typer.Option(help="Comma-separated parts to keep fixed: vision, text.")] = "",
+    images_per_step: Annotated[int, typer.Option(help="Images per optimizer step (each with all its prompts).")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 3e-4,
+    seed: Annotated[int, typer.Option(help="Seed for data order, augmentation and init.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Fine-tune SAM3 (or train a small one) on a COCO instance-segmentation dataset, in mixed precision."""
+    from .train.loop import TrainConfig, Trainer, load_for_training
+
+    if preset not in (None, "demo"):
+        raise CliError(f"Unknown --preset {preset!r}: the only preset is 'demo'.")
+    if preset == "demo":
+        from .train.presets import demo_training_config, prepare_demo_data
+
+        console.print(f"rendering the shapes datasets under {out / 'data'} (once)")
+        splits = prepare_demo_data(out / "data")
+        config = demo_training_config(str(out), str(splits["train"]), steps)
+    else:
+        if data is None:
+            raise CliError("Give --data (a COCO dataset folder) or --preset demo.")
+        parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
+        config = TrainConfig(data=str(data), out=str(out), model=model, steps=steps or 2000, precision=precision,
+                             force_precision=force_precision, freeze=parts, images_per_step=images_per_step, lr=lr, seed=seed, device=device)
+    model_obj, processor = load_for_training(config)
+    trainer = Trainer(config, model_obj, processor)
+    if trainer.resume():
+        console.print(f"resuming {out} at step {trainer.step}")
+    console.print(f"training on {trainer.plan.device} in {trainer.plan.used.value}" + (f" ({trainer.plan.reason})" if trainer.plan.reason else ""))
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+    with progress:
+        task = progress.add_task("training", total=config.steps, completed=trainer.step)
+
+        def show(log) -> None:
+            progress.update(task, completed=log.step, description=f"loss {log.losses['total']:.3f}  {log.seconds:.2f} s/step")
+
+        finished = trainer.run(show)
+    if not finished:
+        console.print(f"stopped at step {trainer.step}; run the same command again to resume")
+        raise typer.Exit(130)
+    console.print(f"done: {config.steps} steps; checkpoint in {out / 'checkpoint'}")
+    if preset == "demo":
+        from .loading import DEMO_MODEL_DIR
+        from .train.presets import export_demo_model
+
+        notes = {"steps": config.steps, "precision": trainer.plan.used.value, "training log": "metrics.json of the run"}
+        threshold = export_demo_model(out / "checkpoint", splits["val"], DEMO_MODEL_DIR, notes=notes)
+        console.print(f"installed the demo model in {DEMO_MODEL_DIR} (score threshold {threshold})")
+
+
+@app.command("eval")
+def evaluate_model(
+    data: Annotated[Path, typer.Option(help="COCO dataset folder with ground truth.")],
+    model: Annotated[str, typer.Option(help="Hub id, folder or 'demo'.")] = "demo",
+    precision: Annotated[str, typer.Option(help="Comma-separated modes to compare, e.g. fp32,bf16.")] = "fp32",
+    force_precision: Annotated[bool, typer.Option("--force-precision", help="Measure each mode as asked even where this CPU would run fp32 instead.")] = False,
+    threshold: Annotated[Optional[float], typer.Option(help="Score threshold; default: the model's own.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON here.")] = None,
+) -> None:
+    """mIoU, precision and recall at IoU 0.5, and false positives on absent-object prompts, per precision mode."""
+    import json
+
+    from . import load_segmenter
+    from .evaluate import collect, score
+    from .train.data import CocoSegmentationData
+
+    dataset = CocoSegmentationData(data)
+    seg = load_segmenter(model, precision="fp32", force_precision=force_precision)
+    cut = seg.default_threshold if threshold is None else threshold
+    reports = []
+    for mode in [m.strip() for m in precision.split(",") if m.strip()]:
+        cases, seconds = collect(seg, dataset, precision=mode, limit=limit)
+        report = score(cases, cut, label=f"{mode} (ran {cases[0].raw.precision_used})" if cases else mode)
+        report.seconds = seconds
+        reports.append(report)
+    table = Table(title=f"{model} on {data} ({reports[0].images if reports else 0} images, threshold {cut})")
+    for column in ("precision", "mIoU", "P@0.5", "R@0.5", "FP rate (absent)", "duplicates", "seconds"):
+        table.add_column(column)
+    for r in reports:
+        table.add_row(r.precision, f"{r.miou:.4f}", f"{r.precision_at_50:.3f}", f"{r.recall_at_50:.3f}", f"{r.negative_fp_rate:.3f}", str(r.duplicates), f"{r.seconds:.1f}")
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps([r.as_dict() for r in reports], indent=1))
+
+
 def _version() -> str:
     from . import __version__
 
@@ -231,6 +325,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main() -> None:
     """Entry point: run the app and turn the library's errors into one-line messages."""
     from . import ImageError, ModelLoadError, OptionError, PrecisionError, PromptError
+    from .train.data import DataError
 
     warnings.showwarning = _show_warning
     from transformers.utils import logging as hf_logging
@@ -238,7 +333,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     try:
         app()
-    except (CliError, ModelLoadError, PrecisionError, PromptError, OptionError, ImageError) as exc:
+    except (CliError, ModelLoadError, PrecisionError, PromptError, OptionError, ImageError, DataError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
 

@@ -81,3 +81,82 @@ def build_demo_model(image_size: int = 336, seed: int = 0):
     grid = image_size // 14
     image_processor = Sam3ImageProcessor(size={"height": image_size, "width": image_size}, mask_size={"height": 4 * grid, "width": 4 * grid})
     return model, Sam3Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# --- the demo recipe -------------------------------------------------------------------------
+
+DEMO_DATA = {"train": (4000, 101), "val": (200, 202), "test": (300, 303)}  # scenes, seed
+
+
+def demo_training_config(out: str, data: str, steps: int | None = None):
+    """The one documented recipe that produced the shipped demo model."""
+    from .loop import TrainConfig
+
+    return TrainConfig(
+        data=data,
+        out=out,
+        steps=steps or 6000,
+        images_per_step=4,
+        negatives_per_image=2,
+        lr=5e-4,
+        weight_decay=0.05,
+        warmup_steps=200,
+        checkpoint_every=100,
+        log_every=20,
+        precision="auto",
+        seed=0,
+    )
+
+
+def prepare_demo_data(root: str | Path) -> dict[str, Path]:
+    """Render the demo's train / val / test shapes datasets under `root`, unless already there."""
+    from .shapes import write_dataset
+
+    folders = {}
+    for split, (count, seed) in DEMO_DATA.items():
+        folder = Path(root) / split
+        if not (folder / "annotations.json").is_file():
+            write_dataset(folder, count, seed)
+        folders[split] = folder
+    return folders
+
+
+def export_demo_model(checkpoint: str | Path, val_data: str | Path, destination: str | Path, *, notes: dict) -> float:
+    """Copy a trained checkpoint's model files to `destination` with its score threshold
+    calibrated on `val_data` (fp32), and a model card. Returns the threshold."""
+    import json
+    import shutil
+
+    from ..evaluate import calibrate_threshold, collect
+    from ..loading import SETTINGS_FILE
+    from ..segmenter import load_segmenter
+    from .data import CocoSegmentationData
+
+    seg = load_segmenter(str(checkpoint), precision="fp32", device="cpu")
+    cases, _ = collect(seg, CocoSegmentationData(val_data), precision="fp32")
+    threshold = calibrate_threshold(cases)
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in Path(checkpoint).iterdir():
+        if path.suffix in (".json", ".safetensors", ".txt") and path.name not in ("optimizer.safetensors", "trainer_state.json"):
+            shutil.copy2(path, destination / path.name)
+    (destination / SETTINGS_FILE).write_text(json.dumps({"score_threshold": threshold}, indent=1))
+    (destination / "README.md").write_text(_model_card(threshold, notes), encoding="utf-8")
+    return threshold
+
+
+def _model_card(threshold: float, notes: dict) -> str:
+    lines = [
+        "# sam3studio demo model",
+        "",
+        "A small model with SAM3's architecture (transformers `Sam3Model`, width 112, 4.4 M parameters,",
+        "336 px input, 96x96 masks) trained from scratch by `sam3studio train --preset demo` on",
+        "synthetic scenes of colored shapes (`sam3studio.train.shapes`). It finds red, orange, yellow,",
+        "green, blue and purple circles, squares, triangles and stars: prompts such as \"blue star\" or",
+        "\"triangle\". It knows nothing else.",
+        "",
+        f"Default score threshold (calibrated on the validation split): {threshold}",
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in notes.items()]
+    return "\n".join(lines) + "\n"
