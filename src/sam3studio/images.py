@@ -26,6 +26,14 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names it and says why."""
 
 
+class ImageTooLarge(ImageError):
+    """More pixels than the limit allows (a decompression bomb, or just a huge image)."""
+
+
+class UnsupportedImage(ImageError):
+    """Not an image, or a format that is not decoded."""
+
+
 def load_image(source: ImageInput, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Return an (H, W, 3) uint8 RGB array, EXIF-upright.
 
@@ -60,9 +68,9 @@ def _decode_translating_errors(decode: Callable[[], np.ndarray], name: str) -> n
     try:
         return decode()
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: too many pixels to decode safely ({exc}).") from None
+        raise ImageTooLarge(f"{name}: too many pixels to decode safely ({exc}).") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image, or a format other than {', '.join(ALLOWED_FORMATS)}.") from None
+        raise UnsupportedImage(f"{name}: not an image, or a format other than {', '.join(ALLOWED_FORMATS)}.") from None
     except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageError):
             raise
@@ -74,7 +82,7 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise ImageError(f"{name}: the image is empty ({width}x{height}).")
     if width * height > max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name}: {width}x{height} is {width * height / 1e6:.0f} MP, over the limit of "
             f"{max_pixels / 1e6:.0f} MP. Downscale it first."
         )

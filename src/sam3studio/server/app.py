@@ -1,0 +1,136 @@
+"""The FastAPI app: REST endpoints over the shared `SegmentService`, with the Gradio UI mounted
+at "/" in the same process (the UI calls the service directly, never the REST API)."""
+
+from __future__ import annotations
+
+import platform
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from .. import ImageError, OptionError, PrecisionError, PromptError, __version__
+from ..export import result_document
+from ..images import ImageTooLarge, UnsupportedImage
+from .service import Busy, NotReady, SegmentService
+
+ERROR_STATUS = [  # most specific first
+    (ImageTooLarge, 413),
+    (UnsupportedImage, 415),
+    (ImageError, 400),
+    (PromptError, 400),
+    (OptionError, 400),
+    (PrecisionError, 400),
+    (Busy, 503),
+    (NotReady, 503),
+]
+
+
+def create_app(service: SegmentService) -> FastAPI:
+    app = FastAPI(
+        title="sam3studio",
+        version=__version__,
+        description="Text-prompted segmentation with SAM3: every object matching each prompt, as masks with scores.",
+    )
+    app.add_middleware(UploadLimit, max_bytes=service.config.max_upload_bytes)
+
+    for error_type, status in ERROR_STATUS:
+        app.add_exception_handler(error_type, _handler(status))
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """The process is alive (the model may still be loading)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """200 once the model is loaded and has run one warm-up pass; 503 before (or if it failed)."""
+        if service.ready.is_set():
+            return JSONResponse({"status": "ready", "model": service.config.model})
+        status = "failed" if service.error else "loading"
+        return JSONResponse({"status": status, "error": service.error}, status_code=503, headers={"Retry-After": "2"})
+
+    @app.get("/v1/info")
+    def info() -> dict:
+        """Model, device, the precision modes this device offers, and versions."""
+        import torch
+        import transformers
+
+        from ..precision import Precision, cpu_info, resolve
+
+        segmenter = service.segmenter
+        device = str(segmenter.device) if segmenter else "loading"
+        modes = {m.value: resolve(m, segmenter.device if segmenter else "cpu").used.value for m in Precision}
+        return {
+            "model": service.config.model,
+            "ready": service.ready.is_set(),
+            "device": device,
+            "cpu": cpu_info().model,
+            "precisions": modes,  # what each requested mode runs as here
+            "default_threshold": segmenter.default_threshold if segmenter else None,
+            "versions": {"sam3studio": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        }
+
+    @app.post("/v1/segment")
+    def segment(
+        image: UploadFile = File(..., description="The image: JPEG, PNG, WebP, BMP, TIFF or GIF."),
+        prompts: str = Form("", description='What to find, comma-separated: "red car, dog"; "dog:0.3" sets one threshold.'),
+        threshold: float | None = Form(None, ge=0.0, le=1.0, description="Score threshold; default: the model's own."),
+        refine: int = Form(0, ge=0, le=3, description="Mask refinement 0-3."),
+        precision: str | None = Form(None, description="fp32, fp16, bf16 or auto; default: the server's."),
+        format: str = Form("json", pattern="^(json|polygons)$", description="json (COCO RLE masks) or polygons."),
+    ) -> dict:
+        """Segment one image; answers the same JSON document the CLI writes."""
+        data = image.file.read()
+        answer = service.segment(data, prompts, threshold=threshold, refine=refine, precision=precision, name=image.filename or "upload")
+        document = result_document(answer.result, image.filename or "upload", polygons=format == "polygons")
+        document["warnings"] = answer.warnings
+        return document
+
+    return app
+
+
+def _handler(status: int):
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        headers = {"Retry-After": "2"} if status == 503 else None
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status, headers=headers)
+
+    return handle
+
+
+class UploadLimit:
+    """Refuse request bodies over `max_bytes` with 413 before they are parsed or stored
+    (FastAPI itself sets no limit): by Content-Length when given, else by counting."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send) -> None:
+        body = b'{"error":"TooLarge","detail":"The upload is larger than the server accepts (%d MB)."}' % (self.max_bytes // 2**20)
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
