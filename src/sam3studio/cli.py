@@ -143,6 +143,30 @@ def info() -> None:
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Hub id, folder or 'demo'.", envvar="SAM3_MODEL")] = "demo",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP, envvar="SAM3_PRECISION")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it to the network.", envvar="SAM3_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.", envvar="SAM3_PORT")] = 7860,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", envvar="SAM3_OFFLINE", help="Never touch the network for weights.")] = False,
+) -> None:
+    """Serve the web UI at / and the REST API at /v1 (docs at /docs) from one process."""
+    import gradio as gr
+    import uvicorn
+
+    from .server.app import create_app
+    from .server.service import SegmentService, ServiceConfig
+    from .server.ui import build_ui
+
+    service = SegmentService(ServiceConfig(model=model, precision=precision, device=device, offline=offline or None))
+    service.start()
+    app = gr.mount_gradio_app(create_app(service), build_ui(service), path="/")
+    console.print(f"serving {model} at http://{host}:{port} (REST docs at /docs; ready when /readyz says so)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def train(
     data: Annotated[Optional[Path], typer.Option(help="COCO dataset folder: annotations.json + images/ (category names become prompts).")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint/, metrics.json, loss_curve.png. An existing run resumes.")] = Path("runs/train"),

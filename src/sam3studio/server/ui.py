@@ -1,0 +1,144 @@
+"""The web UI (Gradio): upload, prompt, threshold, refinement, precision, and an annotated
+result where clicking a region tells what it is. It calls the shared service directly."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from .. import ImageError, OptionError, PrecisionError, PromptError
+from ..export import result_document, safe_stem
+from ..precision import Precision, resolve
+from ..render import instance_color, overlay
+from .service import Answer, Busy, NotReady, SegmentService
+
+EXAMPLES_DIR = Path(__file__).with_name("examples")
+FAQ = """
+**Tips.** SAM3 understands English prompts only. Separate several things with commas:
+`person, car, blue bag`. Nothing found? Lower the detection threshold, or add a color or a
+position word ("red car on the left"). Masks look off in bf16 or fp16? Try fp32.
+"""
+USER_ERRORS = (ImageError, PromptError, OptionError, PrecisionError, Busy, NotReady)
+
+
+def captions(answer: Answer) -> list[str]:
+    """Numbered so that each region's caption is unique and matches its row in the table."""
+    return [f"{i + 1}. {inst.label} {inst.score:.2f}" for i, inst in enumerate(answer.result.instances)]
+
+
+def precision_choices(service: SegmentService) -> list[tuple[str, str]]:
+    """(shown text, value) for every mode, saying what it runs as on this device."""
+    device = service.segmenter.device if service.segmenter else "cpu"
+    choices = []
+    for mode in Precision:
+        used = resolve(mode, device).used.value
+        shown = mode.value if used == mode.value else f"{mode.value} (runs {used} here)"
+        choices.append((shown, mode.value))
+    return choices
+
+
+def build_ui(service: SegmentService) -> gr.Blocks:
+    with gr.Blocks(title="sam3studio") as ui:
+        gr.Markdown("# sam3studio\nType what to find; get every match as a mask with a score.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
+                prompts = gr.Textbox(label="What to find", placeholder="red car, dog, blue bag", elem_id="prompts")
+                threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Detection threshold", elem_id="threshold")
+                refine = gr.Slider(0, 3, value=0, step=1, label="Mask refinement", info="0 raw, 1 clean specks, 2 smooth edges, 3 one solid piece")
+                precision = gr.Radio(precision_choices(service), value=service.config.precision, label="Precision",
+                                     info="fp16 on a CPU runs as bf16 where the CPU has it, else fp32: CPUs compute fp16 slowly.")
+                run = gr.Button("Segment", variant="primary", elem_id="segment")
+                examples = sorted(EXAMPLES_DIR.glob("*.png"))
+                if examples:
+                    gr.Examples([[str(p), p.stem.split("__")[-1].replace("_", " ")] for p in examples], inputs=[image, prompts])
+            with gr.Column(scale=1):
+                result = gr.AnnotatedImage(label="Result (click a region)", elem_id="result")
+                clicked = gr.Markdown(elem_id="clicked")
+                table = gr.Dataframe(headers=["#", "label", "score", "area (px)", "box x0,y0,x1,y1"], label="Instances", interactive=False)
+                status = gr.Markdown(elem_id="status")
+                downloads = gr.File(label="Downloads", file_count="multiple")
+        gr.Markdown(FAQ)
+        answer = gr.State()
+
+        outputs = [result, table, status, downloads, answer, clicked]
+        inputs = [image, prompts, threshold, refine, precision]
+        # One queue for the model, shared with the REST API through the service's own limits.
+        run.click(partial(_segment, service), inputs, outputs, api_name="segment", concurrency_id="model", concurrency_limit=1)
+        prompts.submit(partial(_segment, service), inputs, outputs, api_name=False, concurrency_id="model", concurrency_limit=1)
+        for slider, name in ((threshold, "reselect"), (refine, False)):
+            slider.release(partial(_reselect, service), [answer, threshold, refine], outputs, api_name=name)
+        result.select(_describe_click, [answer], clicked, api_name=False)
+        ui.load(partial(_default_threshold, service), None, threshold, api_name=False)
+    return ui
+
+
+def _default_threshold(service: SegmentService):
+    return gr.Slider(value=service.segmenter.default_threshold if service.segmenter else 0.5)
+
+
+def _segment(service: SegmentService, image, prompts, threshold, refine, precision):
+    if image is None:
+        raise gr.Error("Upload an image first.")
+    try:
+        answer = service.segment(np.asarray(image), prompts, threshold=threshold, refine=int(refine), precision=precision)
+    except USER_ERRORS as exc:
+        raise gr.Error(str(exc)) from None
+    return _show(answer)
+
+
+def _reselect(service: SegmentService, answer: Answer | None, threshold, refine):
+    if answer is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return _show(service.reselect(answer, threshold=threshold, refine=int(refine)))
+
+
+def _show(answer: Answer):
+    names = captions(answer)
+    colors = {name: "#%02x%02x%02x" % instance_color(i) for i, name in enumerate(names)}
+    sections = [(inst.mask.astype(np.float32), name) for inst, name in zip(answer.result.instances, names)]
+    rows = [[i + 1, inst.label, round(inst.score, 3), inst.area, ", ".join(f"{v:.0f}" for v in inst.box)] for i, inst in enumerate(answer.result.instances)]
+    return (
+        gr.AnnotatedImage(value=(answer.image, sections), color_map=colors),
+        rows,
+        _status(answer),
+        _downloads(answer),
+        answer,
+        f"{len(names)} found. Click a region to see what it is." if names else "Nothing found: lower the threshold or rephrase.",
+    )
+
+
+def _status(answer: Answer) -> str:
+    r = answer.result
+    used = r.precision_used + (" after an fp32 fallback (half precision gave non-finite values)" if r.fallback_fp32 else "")
+    timings = ", ".join(f"{k} {v:.0f} ms" for k, v in r.timings_ms.items())
+    notes = "".join(f"\n\n*{w}*" for w in answer.warnings)
+    return f"Precision asked **{r.precision_requested}**, used **{used}**. {timings}.{notes}"
+
+
+def _describe_click(answer: Answer | None, event: gr.SelectData) -> str:
+    if answer is None or event.index is None or not 0 <= int(event.index) < len(answer.result.instances):
+        return ""
+    inst = answer.result.instances[int(event.index)]
+    return f"**{inst.label}**, score **{inst.score:.2f}** ({inst.area} px)"
+
+
+def _downloads(answer: Answer) -> list[str]:
+    """JSON, masks as a zip of PNGs, and the overlay, in a fresh temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix="sam3studio-"))
+    (folder / "result.json").write_text(json.dumps(result_document(answer.result, "upload")))
+    with zipfile.ZipFile(folder / "masks.zip", "w") as archive:
+        for i, inst in enumerate(answer.result.instances):
+            buffer = io.BytesIO()
+            Image.fromarray(inst.mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+            archive.writestr(f"{i + 1:03d}_{safe_stem(inst.label)}.png", buffer.getvalue())
+    Image.fromarray(overlay(answer.image, answer.result)).save(folder / "overlay.png")
+    return [str(folder / "result.json"), str(folder / "masks.zip"), str(folder / "overlay.png")]

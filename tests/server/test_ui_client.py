@@ -1,0 +1,61 @@
+"""The web UI driven through gradio_client against a live server on 127.0.0.1."""
+
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_checkpoint):
+    import gradio as gr
+    import uvicorn
+
+    from sam3studio.server.app import create_app
+    from sam3studio.server.service import SegmentService, ServiceConfig
+    from sam3studio.server.ui import build_ui
+
+    service = SegmentService(ServiceConfig(model=str(tiny_checkpoint), precision="fp32", device="cpu"))
+    service.start().join()
+    app = gr.mount_gradio_app(create_app(service), build_ui(service), path="/")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_segment_and_reselect_through_the_ui(live_server, scene, tmp_path):
+    from gradio_client import Client, handle_file
+
+    path = tmp_path / "scene.png"
+    Image.fromarray(scene).save(path)
+    client = Client(live_server + "/", verbose=False)
+    annotated, table, status, files, clicked = client.predict(handle_file(str(path)), "red square, blue square", 0.0, 0, "fp32", api_name="/segment")
+    rows = table["data"]
+    assert rows and rows[0][1] in ("red square", "blue square")
+    annotations = annotated["value"]["annotations"]  # an update that also carries the color map
+    assert len(annotations) == len(rows) and annotations[0]["label"].startswith("1. ")
+    assert set(annotated["color_map"]) == {a["label"] for a in annotations}
+    assert "used **fp32**" in status and "found" in clicked
+    assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["masks.zip", "overlay.png", "result.json"]
+
+
+def test_rest_and_ui_share_the_process(live_server):
+    assert httpx.get(f"{live_server}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{live_server}/").status_code == 200
