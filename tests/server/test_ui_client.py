@@ -54,6 +54,9 @@ def test_segment_and_reselect_through_the_ui(live_server, scene, tmp_path):
     assert set(annotated["color_map"]) == {a["label"] for a in annotations}
     assert "used **fp32**" in status and "found" in clicked
     assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["masks.zip", "overlay.png", "result.json"]
+    # Moving the threshold slider re-selects from the session's cached outputs.
+    _, table, _, _, clicked = client.predict(1.0, 0, api_name="/reselect")
+    assert table["data"] == [] and "Nothing found" in clicked
 
 
 def test_rest_and_ui_share_the_process(live_server):
