@@ -152,16 +152,15 @@ def serve(
     offline: Annotated[bool, typer.Option("--offline", envvar="SAM3_OFFLINE", help="Never touch the network for weights.")] = False,
 ) -> None:
     """Serve the web UI at / and the REST API at /v1 (docs at /docs) from one process."""
-    import gradio as gr
     import uvicorn
 
     from .server.app import create_app
     from .server.service import SegmentService, ServiceConfig
-    from .server.ui import build_ui
+    from .server.ui import mount_ui
 
     service = SegmentService(ServiceConfig(model=model, precision=precision, device=device, offline=offline or None))
     service.start()
-    app = gr.mount_gradio_app(create_app(service), build_ui(service), path="/")
+    app = mount_ui(create_app(service), service)
     console.print(f"serving {model} at http://{host}:{port} (REST docs at /docs; ready when /readyz says so)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -1,43 +1,7 @@
 """The web UI driven through gradio_client against a live server on 127.0.0.1."""
 
-import socket
-import threading
-import time
-
 import httpx
-import numpy as np
-import pytest
 from PIL import Image
-
-
-@pytest.fixture(scope="module")
-def live_server(tiny_checkpoint):
-    import gradio as gr
-    import uvicorn
-
-    from sam3studio.server.app import create_app
-    from sam3studio.server.service import SegmentService, ServiceConfig
-    from sam3studio.server.ui import build_ui
-
-    service = SegmentService(ServiceConfig(model=str(tiny_checkpoint), precision="fp32", device="cpu"))
-    service.start().join()
-    app = gr.mount_gradio_app(create_app(service), build_ui(service), path="/")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_segment_and_reselect_through_the_ui(live_server, scene, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 from .. import Result, Segmenter, load_segmenter
 from ..images import load_image
 from ..postprocess import select
+from ..prompts import Sam3Warning
 from ..types import RawPrediction
 
 
@@ -94,7 +95,8 @@ class SegmentService:
         started = time.perf_counter()
         result = select(raw, threshold=cut, refine=refine)
         result.timings_ms["postprocess"] = (time.perf_counter() - started) * 1000
-        return Answer(result, rgb, raw, [str(w.message) for w in caught])
+        # Only our own warnings (prompt language, precision changes); the catch is process-wide.
+        return Answer(result, rgb, raw, [str(w.message) for w in caught if issubclass(w.category, Sam3Warning)])
 
     def reselect(self, answer: Answer, *, threshold: float, refine: int) -> Answer:
         """A new threshold or refinement level on the same model outputs: no model run."""

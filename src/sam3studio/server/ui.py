@@ -28,6 +28,31 @@ position word ("red car on the left"). Masks look off in bf16 or fp16? Try fp32.
 """
 USER_ERRORS = (ImageError, PromptError, OptionError, PrecisionError, Busy, NotReady)
 
+# Gradio's AnnotatedImage reports clicks on its legend only. This passes a click anywhere on the
+# result image, as a position relative to the image, to a hidden textbox; Python then finds the
+# region under it.
+CLICK_JS = """
+() => {
+  document.addEventListener("click", (event) => {
+    const container = event.target.closest("#result .image-container");
+    const base = container && container.querySelector("img.base-image");
+    const box = document.querySelector("#click-xy textarea, #click-xy input");
+    if (!base || !box) return;
+    const rect = base.getBoundingClientRect();
+    const x = (event.clientX - rect.left) / rect.width, y = (event.clientY - rect.top) / rect.height;
+    if (x < 0 || x > 1 || y < 0 || y > 1) return;
+    box.value = x.toFixed(5) + "," + y.toFixed(5) + "," + Date.now();
+    box.dispatchEvent(new Event("input", { bubbles: true }));
+  });
+}
+"""
+CSS = "#click-xy { display: none !important; }"
+
+
+def mount_ui(app, service: SegmentService):
+    """The UI at "/" of the FastAPI app, with the click handler; uploads capped like the REST API."""
+    return gr.mount_gradio_app(app, build_ui(service), path="/", js=CLICK_JS, css=CSS, max_file_size=service.config.max_upload_bytes)
+
 
 def captions(answer: Answer) -> list[str]:
     """Numbered so that each region's caption is unique and matches its row in the table."""
@@ -63,6 +88,7 @@ def build_ui(service: SegmentService) -> gr.Blocks:
             with gr.Column(scale=1):
                 result = gr.AnnotatedImage(label="Result (click a region)", elem_id="result")
                 clicked = gr.Markdown(elem_id="clicked")
+                click_xy = gr.Textbox(elem_id="click-xy", show_label=False, container=False)
                 table = gr.Dataframe(headers=["#", "label", "score", "area (px)", "box x0,y0,x1,y1"], label="Instances", interactive=False)
                 status = gr.Markdown(elem_id="status")
                 downloads = gr.File(label="Downloads", file_count="multiple")
@@ -76,7 +102,8 @@ def build_ui(service: SegmentService) -> gr.Blocks:
         prompts.submit(partial(_segment, service), inputs, outputs, api_name=False, concurrency_id="model", concurrency_limit=1)
         for slider, name in ((threshold, "reselect"), (refine, False)):
             slider.release(partial(_reselect, service), [answer, threshold, refine], outputs, api_name=name)
-        result.select(_describe_click, [answer], clicked, api_name=False)
+        result.select(_describe_legend_click, [answer], clicked, api_name=False)
+        click_xy.change(_describe_region, [answer, click_xy], clicked, api_name="describe_region")
         ui.load(partial(_default_threshold, service), None, threshold, api_name=False)
     return ui
 
@@ -124,11 +151,31 @@ def _status(answer: Answer) -> str:
     return f"Precision asked **{r.precision_requested}**, used **{used}**. {timings}.{notes}"
 
 
-def _describe_click(answer: Answer | None, event: gr.SelectData) -> str:
+def _describe_legend_click(answer: Answer | None, event: gr.SelectData) -> str:
     if answer is None or event.index is None or not 0 <= int(event.index) < len(answer.result.instances):
         return ""
-    inst = answer.result.instances[int(event.index)]
-    return f"**{inst.label}**, score **{inst.score:.2f}** ({inst.area} px)"
+    return _describe(answer, int(event.index))
+
+
+def _describe_region(answer: Answer | None, position: str) -> str:
+    """"x,y[,stamp]" relative to the image -> the best-scoring region under that point."""
+    if answer is None:
+        return ""
+    try:
+        x, y = (float(v) for v in position.split(",")[:2])
+    except ValueError:
+        return ""
+    height, width = answer.image.shape[:2]
+    col, row = min(int(x * width), width - 1), min(int(y * height), height - 1)
+    hits = [i for i, inst in enumerate(answer.result.instances) if inst.mask[row, col]]
+    if not hits:
+        return "No region there."
+    return _describe(answer, max(hits, key=lambda i: answer.result.instances[i].score))
+
+
+def _describe(answer: Answer, index: int) -> str:
+    inst = answer.result.instances[index]
+    return f"**{index + 1}. {inst.label}**, score **{inst.score:.2f}** ({inst.area} px)"
 
 
 def _downloads(answer: Answer) -> list[str]:

@@ -1,0 +1,45 @@
+"""The web UI in a real browser: Debian's chromium driven by Playwright."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.browser
+def test_upload_prompt_segment_and_click_a_region(live_server, scene, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(chromium).exists(), "install Debian's chromium (scripts/test.sh does, as root)"
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(np.repeat(np.repeat(scene, 3, axis=0), 3, axis=1)).save(image_path)  # 390x270
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(live_server)
+        page.set_input_files("#input-image input[type=file]", str(image_path))
+        page.fill("#prompts textarea", "red square, blue square")
+        page.fill("#threshold input[type=number]", "0")
+        page.press("#threshold input[type=number]", "Enter")
+        page.click("#segment")
+        page.wait_for_selector("#result img.mask", timeout=120_000)
+        page.wait_for_function("document.querySelector('#clicked').innerText.includes('found')")
+        assert "used **fp32**".replace("**", "") in page.inner_text("#status")
+
+        base = page.locator("#result img.base-image").bounding_box()
+        page.mouse.click(base["x"] + base["width"] * 0.3, base["y"] + base["height"] * 0.3)  # inside the red square
+        page.wait_for_function("/score \\d\\.\\d\\d/.test(document.querySelector('#clicked').innerText)", timeout=30_000)
+        described = page.inner_text("#clicked")
+        assert "square" in described and "score" in described
+        shot = Path(os.environ.get("SAM3_SCREENSHOT_DIR", tmp_path)) / "ui-after-click.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        browser.close()
