@@ -46,6 +46,20 @@ PY
 
 ready() { "$python" -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('$url/readyz', timeout=2).status != 200)" 2>/dev/null; }
 
+load_error() {  # the model's load error, once /readyz reports one
+  "$python" - "$url/readyz" <<'PY' 2>/dev/null
+import json, sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2)
+except urllib.error.HTTPError as exc:
+    body = json.loads(exc.read() or b"{}")
+    if body.get("status") == "failed":
+        print(body.get("error"))
+except OSError:
+    pass  # not listening yet
+PY
+}
+
 supervise() {  # runs in the background: start the server, restart it when it dies, stop on TERM
   local restarts=0 child=""
   trap '[ -n "$child" ] && kill "$child" 2>/dev/null; wait 2>/dev/null; rm -f "$child_file"; exit 0' TERM INT
@@ -75,6 +89,8 @@ start() {
   local deadline=$((SECONDS + ${SAM3_START_TIMEOUT:-600}))
   until ready; do
     running_pid >/dev/null || die "the server stopped while starting; see $log_file"
+    error="$(load_error || true)"
+    if [ -n "$error" ]; then stop >/dev/null; die "the model could not be loaded: $error"; fi
     [ "$SECONDS" -lt "$deadline" ] || die "not ready after ${SAM3_START_TIMEOUT:-600} s; see $log_file"
     sleep 1
   done

@@ -61,3 +61,9 @@ def test_start_status_refuse_restart_stop(env, tmp_path):
 def test_missing_python_is_reported(env):
     result = script("start", env | {"SAM3_PYTHON": "/nonexistent/python"})
     assert result.returncode == 1 and "scripts/setup.sh" in result.stderr
+
+
+def test_a_model_that_cannot_load_fails_fast_with_its_reason(env, tmp_path):
+    result = script("start", env | {"SAM3_MODEL": str(tmp_path / "no-such-model")})
+    assert result.returncode == 1 and "could not be loaded" in result.stderr and "no such folder" in result.stderr
+    assert script("status", env).returncode == 3, "nothing left running"
