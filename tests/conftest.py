@@ -3,12 +3,10 @@ loaded through the same `load_segmenter` path as a downloaded model."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from sam3studio import load_segmenter
 from sam3studio.checkpoints import build_random_checkpoint
@@ -39,9 +37,3 @@ def scene() -> np.ndarray:
     image[40:80, 70:120] = (30, 60, 220)
     image += rng.integers(0, 20, image.shape, dtype=np.uint8)
     return image
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()

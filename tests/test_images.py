@@ -1,9 +1,16 @@
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode
 from sam3studio.images import ImageError, load_image
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
 
 
 def test_rgb_png_round_trips_exactly(scene):
