@@ -55,6 +55,8 @@ def test_resume_gives_the_same_state(shapes, tiny_checkpoint, tmp_path):
     a, b = _weights(straight.model), _weights(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run matches an uninterrupted one"
     assert [e["step"] for e in resumed.history] == list(range(1, 7))
+    with pytest.raises(ValueError, match="other settings .lr."):
+        train(_config(shapes, tiny_checkpoint, tmp_path / "halves", lr=5e-4))
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(shapes, tiny_checkpoint, tmp_path):
@@ -97,8 +99,24 @@ def _break(shapes, tmp_path, change) -> str:
         (lambda d, f: d["annotations"][0].update(category_id=999), "unknown category_id 999"),
         (lambda d, f: d["annotations"][0]["segmentation"].update(size=[5, 5]), "mask size"),
         (lambda d, f: d["annotations"][0].update(segmentation=[[0, 0, 5000, 0, 5000, 10]]), "outside"),
+        (lambda d, f: d["annotations"][0].update(segmentation=[[0, 0, 5, 0, 5]]), "even number"),
     ],
 )
 def test_bad_datasets_fail_clearly(shapes, tmp_path, change, message):
     with pytest.raises(DataError, match=message):
         CocoSegmentationData(_break(shapes, tmp_path, change))
+
+
+def test_image_size_must_match_its_annotations(shapes, tmp_path):
+    def swap(document, folder):
+        info = next(i for i in document["images"] if i["width"] != i["height"])
+        info["width"], info["height"] = info["height"], info["width"]  # as if EXIF-rotated
+        for ann in document["annotations"]:
+            if ann["image_id"] == info["id"]:
+                ann["segmentation"]["size"] = [info["height"], info["width"]]
+                ann["bbox"] = [0, 0, 1, 1]
+
+    data = CocoSegmentationData(_break(shapes, tmp_path, swap))
+    index = next(i for i, image_id in enumerate(data.image_ids) if data.images[image_id]["width"] != data.images[image_id]["height"])
+    with pytest.raises(DataError, match="would not line up"):
+        data.sample(index, np.random.default_rng(0), input_size=56, mask_size=16, mean=[0.5] * 3, std=[0.5] * 3)

@@ -57,7 +57,8 @@ class CocoSegmentationData:
         self._validate(path)
         self.by_image: dict[int, list[dict]] = {i: [] for i in self.images}
         for ann in self.annotations:
-            self.by_image[int(ann["image_id"])].append(ann)
+            if not ann.get("iscrowd"):  # crowd regions mark "many of these", not one instance
+                self.by_image[int(ann["image_id"])].append(ann)
         self.image_ids = sorted(self.images)
         self.vocabulary = sorted({name for c in self.categories.values() for name in self._names(c)})
 
@@ -88,12 +89,25 @@ class CocoSegmentationData:
     def image_path(self, index: int) -> Path:
         return self.image_dir / self.images[self.image_ids[index]]["file_name"]
 
+    def _image(self, index: int) -> np.ndarray:
+        """The decoded image, checked against the size its annotations were drawn on."""
+        info = self.images[self.image_ids[index]]
+        image = load_image(self.image_path(index))
+        if image.shape[:2] != (int(info["height"]), int(info["width"])):
+            raise DataError(
+                f"{info['file_name']}: decoded as {image.shape[1]}x{image.shape[0]} (after EXIF rotation), but the annotations "
+                f"say {info['width']}x{info['height']}; masks would not line up. Re-export the dataset."
+            )
+        return image
+
     def ground_truth(self, index: int) -> dict[str, np.ndarray]:
         """{prompt name: (N, H, W) bool masks at full resolution} for the names present."""
         info = self.images[self.image_ids[index]]
         groups: dict[str, list[np.ndarray]] = {}
         for ann in self.by_image[self.image_ids[index]]:
             mask = _decode(ann, info["height"], info["width"])
+            if not mask.any():
+                continue
             for name in self._names(self.categories[int(ann["category_id"])]):
                 groups.setdefault(name, []).append(mask)
         return {name: np.stack(masks) for name, masks in groups.items()}
@@ -101,9 +115,10 @@ class CocoSegmentationData:
     def sample(self, index: int, rng: np.random.Generator, *, input_size: int, mask_size: int, mean, std, negatives: int = 2, flip: bool = True) -> TrainingSample:
         """The image at `index` with one prompt per name present and up to `negatives` absent names."""
         info = self.images[self.image_ids[index]]
-        image = load_image(self.image_dir / info["file_name"])
-        anns = self.by_image[self.image_ids[index]]
-        masks = np.stack([_decode(a, info["height"], info["width"]) for a in anns]) if anns else np.zeros((0, *image.shape[:2]), bool)
+        image = self._image(index)
+        masks = [_decode(a, info["height"], info["width"]) for a in self.by_image[self.image_ids[index]]]
+        anns = [a for a, m in zip(self.by_image[self.image_ids[index]], masks) if m.any()]  # empty masks teach nothing
+        masks = np.stack([m for m in masks if m.any()]) if anns else np.zeros((0, *image.shape[:2]), bool)
         if flip and rng.random() < 0.5:
             image, masks = image[:, ::-1], masks[:, :, ::-1]
         pixels = cv2.resize(image, (input_size, input_size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
@@ -148,6 +163,8 @@ def _check_inside(ann: dict, image: dict, where: str) -> None:
         if [int(v) for v in segmentation.get("size", [])] != [height, width]:
             raise DataError(f"{where}: mask size {segmentation.get('size')} is not the image's {[height, width]}.")
     elif isinstance(segmentation, list) and segmentation:
+        if any(len(p) < 6 or len(p) % 2 for p in segmentation):
+            raise DataError(f"{where}: a polygon needs an even number of coordinates, at least 3 points.")
         points = np.concatenate([np.asarray(p, dtype=float).reshape(-1, 2) for p in segmentation])
         if points.min() < -1 or points[:, 0].max() > width + 1 or points[:, 1].max() > height + 1:
             raise DataError(f"{where}: polygon points lie outside the {width}x{height} image.")

@@ -26,6 +26,9 @@ from .criterion import LossWeights, Predictions, set_criterion
 from .data import CocoSegmentationData, TrainingSample
 
 CHECKPOINT_DIR = "checkpoint"
+# Settings a resumed run must share with the one it continues, or its batches and schedule change.
+RESUME_MUST_MATCH = ("data", "model", "steps", "images_per_step", "negatives_per_image", "lr", "weight_decay",
+                     "warmup_steps", "min_lr_ratio", "seed", "freeze", "image_size")
 FREEZABLE = {"vision": ("vision_encoder",), "text": ("text_encoder", "text_projection")}
 
 
@@ -145,10 +148,12 @@ def _schedule(config: TrainConfig) -> Callable[[int], float]:
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay for biases, norms and embedding tables; decay for every weight matrix."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "embed" in name or "norm" in name else decay).append(param)
+            (no_decay if param.ndim < 2 or id(param) in tables else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -177,6 +182,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None
         self.data = CocoSegmentationData(config.data)
         self.step = 0
+        self.lr = config.lr
         self.history: list[dict] = []
 
     # --- one step ----------------------------------------------------------------------------
@@ -198,6 +204,7 @@ class Trainer:
         predictions, targets = forward_batch(self.model, self.processor.tokenizer, self.batch(self.step), self.plan)
         losses = set_criterion(predictions, targets, self.config.weights)
         self.optimizer.zero_grad(set_to_none=True)
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step uses, for the log
         if self.scaler is not None:
             self.scaler.scale(losses["total"]).backward()
             self.scaler.unscale_(self.optimizer)
@@ -205,11 +212,15 @@ class Trainer:
             losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # a lowered scale means the step was skipped
         else:
             self.optimizer.step()
-        self.scheduler.step()
+            stepped = True
+        if stepped:
+            self.scheduler.step()
         self.step += 1
         return {k: float(v.detach()) for k, v in losses.items()}
 
@@ -224,7 +235,7 @@ class Trainer:
             while self.step < self.config.steps:
                 window.append(self.train_step())
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                    log = StepLog(self.step, _mean(window), self.scheduler.get_last_lr()[0], (time.perf_counter() - started) / len(window))
+                    log = StepLog(self.step, _mean(window), self.lr, (time.perf_counter() - started) / len(window))
                     self.history.append(asdict(log))
                     window, started = [], time.perf_counter()
                     if on_log:
@@ -253,12 +264,16 @@ class Trainer:
             "optimizer": meta,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "config": _config_dict(self.config),
+            "config": asdict(self.config),
         }
         (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
+        previous = self.out / (CHECKPOINT_DIR + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if final.exists():
+            final.rename(previous)  # until the new one is in place, the old one stays whole
         partial.rename(final)
-        (self.out / "metrics.json").write_text(json.dumps({"config": _config_dict(self.config), "log": self.history}, indent=1))
+        shutil.rmtree(previous, ignore_errors=True)
+        (self.out / "metrics.json").write_text(json.dumps({"config": asdict(self.config), "log": self.history}, indent=1))
         plot_losses(self.history, self.out / "loss_curve.png")
         return final
 
@@ -271,6 +286,13 @@ class Trainer:
         if not (folder / "trainer_state.json").is_file():
             return False
         state = json.loads((folder / "trainer_state.json").read_text())
+        current = json.loads(json.dumps(asdict(self.config)))  # the form it was saved in (tuples as lists)
+        changed = {k for k in RESUME_MUST_MATCH if state["config"].get(k) != current.get(k)}
+        if changed:
+            raise ValueError(
+                f"{folder} was trained with other settings ({', '.join(sorted(changed))}); resuming would not retrace that run. "
+                "Use the same settings, or a new --out folder."
+            )
         self.optimizer.load_state_dict(_optimizer_state(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
@@ -284,10 +306,6 @@ class Trainer:
 
 def _mean(window: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-
-
-def _config_dict(config: TrainConfig) -> dict:
-    return asdict(config)
 
 
 def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -36,7 +36,6 @@ class SceneConfig:
     min_side: int = 256
     max_side: int = 640
     max_objects: int = 6
-    min_visible_fraction: float = 0.35  # objects occluded beyond this are removed from the scene
 
 
 def color_rgb(name: str, rng: np.random.Generator) -> tuple[int, int, int]:
@@ -123,10 +122,11 @@ def render_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
             image[edge] = rng.choice([30.0, 225.0])
         for earlier in placed:
             earlier["mask"] &= ~mask
-        placed.append({"category": f"{color} {shape}", "shape": shape, "color": color, "mask": mask, "area0": int(mask.sum())})
-    visible = [p for p in placed if p["mask"].sum() >= config.min_visible_fraction * p["area0"]]
+        placed.append({"category": f"{color} {shape}", "shape": shape, "color": color, "mask": mask})
     image = _camera_effects(np.clip(image, 0, 255), rng)
-    return image, [{k: v for k, v in p.items() if k != "area0"} for p in visible]
+    # Every object with a visible pixel is annotated: an unlabeled one would turn a correct
+    # answer into a false positive, and could even be drawn as an "absent" negative prompt.
+    return image, [p for p in placed if p["mask"].any()]
 
 
 def _camera_effects(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
