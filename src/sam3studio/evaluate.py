@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from .postprocess import select
 from .segmenter import Segmenter
 from .train.data import CocoSegmentationData
-from .types import RawPrediction
+from .types import Prompt, RawPrediction
 
 
 @dataclass
@@ -35,6 +35,7 @@ class EvalReport:
     precision_at_50: float  # matched predictions with IoU >= 0.5 / all predictions on positive prompts
     recall_at_50: float
     negative_fp_rate: float  # negative prompts that returned anything / all negative prompts
+    negative_predictions: int  # masks returned for negative prompts
     duplicates: int  # extra predictions overlapping an already-found object (IoU >= 0.5)
     images: int
     instances: int
@@ -53,7 +54,8 @@ def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negat
         absent = [n for n in data.vocabulary if n not in truth]
         rng = np.random.default_rng([seed, index])
         negatives = rng.choice(absent, size=min(negatives_per_image, len(absent)), replace=False).tolist() if absent else []
-        raw = seg.predict(data.image_path(index), list(truth) + negatives, precision=precision)
+        # Prompt objects: names reach the model exactly as written (no comma or ":0.5" parsing).
+        raw = seg.predict(data.image_path(index), [Prompt(name) for name in [*truth, *negatives]], precision=precision)
         cases.append(EvalCase(raw, truth, negatives))
     return cases, time.perf_counter() - started
 
@@ -61,7 +63,7 @@ def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negat
 def score(cases: list[EvalCase], threshold: float, *, refine: int = 0, label: str = "") -> EvalReport:
     ious: list[float] = []
     predicted = true_positive = duplicates = 0
-    negatives = negative_hits = 0
+    negatives = negative_hits = negative_predictions = 0
     for case in cases:
         result = select(case.raw, threshold=threshold, refine=refine)
         by_prompt: dict[str, list[np.ndarray]] = {}
@@ -78,6 +80,7 @@ def score(cases: list[EvalCase], threshold: float, *, refine: int = 0, label: st
         for name in case.negatives:
             negatives += 1
             negative_hits += bool(by_prompt.get(name))
+            negative_predictions += len(by_prompt.get(name, []))
     return EvalReport(
         precision=label or (cases[0].raw.precision_used if cases else ""),
         threshold=threshold,
@@ -85,6 +88,7 @@ def score(cases: list[EvalCase], threshold: float, *, refine: int = 0, label: st
         precision_at_50=true_positive / predicted if predicted else 0.0,
         recall_at_50=true_positive / len(ious) if ious else 0.0,
         negative_fp_rate=negative_hits / negatives if negatives else 0.0,
+        negative_predictions=negative_predictions,
         duplicates=duplicates,
         images=len(cases),
         instances=len(ious),
@@ -98,9 +102,8 @@ def calibrate_threshold(cases: list[EvalCase], candidates: np.ndarray | None = N
     best, best_f1 = 0.5, -1.0
     for threshold in candidates if candidates is not None else np.round(np.arange(0.05, 0.951, 0.025), 3):
         report = score(cases, float(threshold))
-        found_on_negatives = report.negative_fp_rate * sum(len(c.negatives) for c in cases)
         tp = report.recall_at_50 * report.instances
-        predicted = (tp / report.precision_at_50 if report.precision_at_50 else 0.0) + found_on_negatives
+        predicted = (tp / report.precision_at_50 if report.precision_at_50 else 0.0) + report.negative_predictions
         f1 = 2 * tp / (predicted + report.instances) if predicted + report.instances else 0.0
         if f1 > best_f1 + 1e-9:
             best, best_f1 = float(threshold), f1

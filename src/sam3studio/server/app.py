@@ -47,7 +47,7 @@ def create_app(service: SegmentService) -> FastAPI:
         if service.ready.is_set():
             return JSONResponse({"status": "ready", "model": service.config.model})
         status = "failed" if service.error else "loading"
-        return JSONResponse({"status": status, "error": service.error}, status_code=503, headers={"Retry-After": "2"})
+        return JSONResponse({"status": status, "error": service.error}, status_code=503, headers={"Retry-After": str(Busy.retry_after_s)})
 
     @app.get("/v1/info")
     def info() -> dict:
@@ -91,7 +91,7 @@ def create_app(service: SegmentService) -> FastAPI:
 
 def _handler(status: int):
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        headers = {"Retry-After": "2"} if status == 503 else None
+        headers = {"Retry-After": str(Busy.retry_after_s)} if status == 503 else None
         return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status, headers=headers)
 
     return handle

@@ -77,10 +77,10 @@ class SegmentService:
     def segment(self, image, prompts, *, threshold=None, refine=0, precision=None, name="upload") -> Answer:
         """Decode, queue, run (or reuse cached outputs) and post-process one request."""
         segmenter = self._require_ready()
-        rgb = load_image(image, name=name, max_pixels=self.config.max_pixels)
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False):  # before decoding: a flood must not decode in parallel
             raise Busy("The server is busy: too many requests are waiting. Retry in a moment.")
         try:
+            rgb = load_image(image, name=name, max_pixels=self.config.max_pixels)
             if not self._model_lock.acquire(timeout=self.config.wait_timeout_s):
                 raise Busy(f"The model stayed busy for {self.config.wait_timeout_s:.0f} s. Retry in a moment.")
             try:

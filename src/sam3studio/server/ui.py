@@ -21,6 +21,7 @@ from ..render import instance_color, overlay
 from .service import Answer, Busy, NotReady, SegmentService
 
 EXAMPLES_DIR = Path(__file__).with_name("examples")
+DOWNLOADS_DIR = Path(tempfile.gettempdir()) / "sam3studio-downloads"  # one known place, not scattered temp dirs
 FAQ = """
 **Tips.** SAM3 understands English prompts only. Separate several things with commas:
 `person, car, blue bag`. Nothing found? Lower the detection threshold, or add a color or a
@@ -61,7 +62,11 @@ def captions(answer: Answer) -> list[str]:
 
 def precision_choices(service: SegmentService) -> list[tuple[str, str]]:
     """(shown text, value) for every mode, saying what it runs as on this device."""
-    device = service.segmenter.device if service.segmenter else "cpu"
+    import torch
+
+    device = service.config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     choices = []
     for mode in Precision:
         used = resolve(mode, device).used.value
@@ -71,11 +76,14 @@ def precision_choices(service: SegmentService) -> list[tuple[str, str]]:
 
 
 def build_ui(service: SegmentService) -> gr.Blocks:
-    with gr.Blocks(title="sam3studio") as ui:
+    # Files the UI hands out are kept an hour, then Gradio deletes them.
+    with gr.Blocks(title="sam3studio", delete_cache=(600, 3600)) as ui:
         gr.Markdown("# sam3studio\nType what to find; get every match as a mask with a score.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"], elem_id="input-image")
+                # A file path, decoded by sam3studio.images (format allow-list, pixel cap, 16-bit, EXIF),
+                # not by Gradio.
+                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image")
                 prompts = gr.Textbox(label="What to find", placeholder="red car, dog, blue bag", elem_id="prompts")
                 threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Detection threshold", elem_id="threshold")
                 refine = gr.Slider(0, 3, value=0, step=1, label="Mask refinement", info="0 raw, 1 clean specks, 2 smooth edges, 3 one solid piece")
@@ -105,6 +113,7 @@ def build_ui(service: SegmentService) -> gr.Blocks:
         result.select(_describe_legend_click, [answer], clicked, api_name=False)
         click_xy.change(_describe_region, [answer, click_xy], clicked, api_name="describe_region")
         ui.load(partial(_default_threshold, service), None, threshold, api_name=False)
+    ui.queue(max_size=service.config.max_waiting)  # a full queue refuses at once, like the REST API
     return ui
 
 
@@ -116,7 +125,7 @@ def _segment(service: SegmentService, image, prompts, threshold, refine, precisi
     if image is None:
         raise gr.Error("Upload an image first.")
     try:
-        answer = service.segment(np.asarray(image), prompts, threshold=threshold, refine=int(refine), precision=precision)
+        answer = service.segment(image, prompts, threshold=threshold, refine=int(refine), precision=precision, name=Path(image).name)
     except USER_ERRORS as exc:
         raise gr.Error(str(exc)) from None
     return _show(answer)
@@ -180,7 +189,8 @@ def _describe(answer: Answer, index: int) -> str:
 
 def _downloads(answer: Answer) -> list[str]:
     """JSON, masks as a zip of PNGs, and the overlay, in a fresh temporary folder."""
-    folder = Path(tempfile.mkdtemp(prefix="sam3studio-"))
+    DOWNLOADS_DIR.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="result-", dir=DOWNLOADS_DIR))
     (folder / "result.json").write_text(json.dumps(result_document(answer.result, "upload")))
     with zipfile.ZipFile(folder / "masks.zip", "w") as archive:
         for i, inst in enumerate(answer.result.instances):
