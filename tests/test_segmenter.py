@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sam3studio import PrecisionError, PromptError, Sam3Warning, load_segmenter
-from sam3studio.postprocess import mask_iou, select
+from sam3studio.postprocess import select
 
 
 def test_segment_returns_masks_in_image_pixels(segmenter, scene):

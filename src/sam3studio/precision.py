@@ -98,7 +98,7 @@ def _matmul_gflops(n: int = 256, repeats: int = 9) -> tuple[float, float]:
     each kept, so that a machine busy with other work slows both alike and the ratio holds."""
     pairs = {dtype: (torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16)}
     best = dict.fromkeys(pairs, float("inf"))
-    for dtype, (a, b) in pairs.items():
+    for a, b in pairs.values():
         torch.mm(a, b)  # the first call pays for kernel selection
     for _ in range(repeats):
         for dtype, (a, b) in pairs.items():
