@@ -85,7 +85,9 @@ def build_ui(service: SegmentService) -> gr.Blocks:
                 # not by Gradio.
                 image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"], elem_id="input-image")
                 prompts = gr.Textbox(label="What to find", placeholder="red car, dog, blue bag", elem_id="prompts")
-                threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Detection threshold", elem_id="threshold")
+                # A callable value is read at every page load: the model's calibrated threshold once it
+                # has loaded, with no separate load event racing the user's first input.
+                threshold = gr.Slider(0.0, 1.0, value=partial(_default_threshold, service), step=0.01, label="Detection threshold", elem_id="threshold")
                 refine = gr.Slider(0, 3, value=0, step=1, label="Mask refinement", info="0 raw, 1 clean specks, 2 smooth edges, 3 one solid piece")
                 precision = gr.Radio(precision_choices(service), value=service.config.precision, label="Precision",
                                      info="fp16 on a CPU runs as bf16 where the CPU has it, else fp32: CPUs compute fp16 slowly.")
@@ -112,13 +114,12 @@ def build_ui(service: SegmentService) -> gr.Blocks:
             slider.release(partial(_reselect, service), [answer, threshold, refine], outputs, api_name=name)
         result.select(_describe_legend_click, [answer], clicked, api_name=False)
         click_xy.change(_describe_region, [answer, click_xy], clicked, api_name="describe_region")
-        ui.load(partial(_default_threshold, service), None, threshold, api_name=False)
     ui.queue(max_size=service.config.max_waiting)  # a full queue refuses at once, like the REST API
     return ui
 
 
-def _default_threshold(service: SegmentService):
-    return gr.Slider(value=service.segmenter.default_threshold if service.segmenter else 0.5)
+def _default_threshold(service: SegmentService) -> float:
+    return service.segmenter.default_threshold if service.segmenter else 0.5
 
 
 def _segment(service: SegmentService, image, prompts, threshold, refine, precision):
