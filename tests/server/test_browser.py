@@ -24,7 +24,7 @@ def test_upload_prompt_segment_and_click_a_region(live_server, scene, tmp_path):
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(live_server)
-        page.wait_for_load_state("networkidle")
+        page.wait_for_selector("#segment")
         page.set_input_files("#input-image input[type=file]", str(image_path))
         page.fill("#prompts textarea", "red square, blue square")
         page.fill("#threshold input[type=number]", "0")
