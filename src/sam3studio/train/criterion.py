@@ -26,6 +26,7 @@ class LossWeights:
     presence: float = 1.0
     semantic: float = 1.0
     aux: float = 1.0  # weight of the class and box losses of the earlier decoder layers
+    category: float = 0.0  # dense per-pixel category loss on the vision features (0: off)
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Predictions:
     """All decoder layers' outputs for R prompt rows, float32.
 
     logits (L, R, Q); boxes (L, R, Q, 4) normalised xyxy; presence (L, R, 1);
-    masks (R, Q, M, M) logits of the last layer; semantic (R, 1, M, M) logits or None.
+    masks (R, Q, M, M) logits of the last layer; semantic (R, 1, M, M) logits or None;
+    pixel_features (B, C, M, M): the finest vision features of the B images, for the category loss.
     """
 
     logits: torch.Tensor
@@ -41,6 +43,7 @@ class Predictions:
     presence: torch.Tensor
     masks: torch.Tensor
     semantic: torch.Tensor | None = None
+    pixel_features: torch.Tensor | None = None
 
 
 def match(logits: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor | None, target: PromptTarget, weights: LossWeights) -> tuple[np.ndarray, np.ndarray]:
@@ -144,3 +147,12 @@ def _semantic_loss(semantic: torch.Tensor, targets: list[PromptTarget]) -> torch
     flat = union.flatten(1)
     dice = (1 - (2 * (prob * flat).sum(1) + 1) / (prob.sum(1) + flat.sum(1) + 1)).mean()
     return bce + dice
+
+
+def category_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of per-pixel category logits (B, K+1, M, M) against labels (B, M, M).
+
+    Why: the vision encoder otherwise learns only through the prompt-conditioned heads, one
+    matched query at a time; telling it directly which pixels are which category gives it
+    features the text can select from within the first few hundred steps."""
+    return F.cross_entropy(logits.float(), labels.to(logits.device))

@@ -34,6 +34,7 @@ class PromptTarget:
 class TrainingSample:
     pixels: np.ndarray  # (3, S, S) float32, normalised as the model's processor does
     prompts: list[PromptTarget]
+    categories: np.ndarray  # (M, M) int64: each mask pixel's category number, 0 for background
 
 
 class CocoSegmentationData:
@@ -61,6 +62,7 @@ class CocoSegmentationData:
                 self.by_image[int(ann["image_id"])].append(ann)
         self.image_ids = sorted(self.images)
         self.vocabulary = sorted({name for c in self.categories.values() for name in self._names(c)})
+        self.category_number = {cid: n for n, cid in enumerate(sorted(self.categories), start=1)}
 
     def _validate(self, path: Path) -> None:
         if not self.images or not self.annotations:
@@ -131,7 +133,18 @@ class CocoSegmentationData:
         chosen = rng.choice(absent, size=min(negatives, len(absent)), replace=False).tolist() if absent else []
         prompts = [_target(name, masks[idx], mask_size) for name, idx in groups.items()]
         prompts += [PromptTarget(name, np.zeros((0, mask_size, mask_size), np.float32), np.zeros((0, 4), np.float32)) for name in chosen]
-        return TrainingSample(np.ascontiguousarray(pixels), prompts)
+        numbers = [self.category_number[int(a["category_id"])] for a in anns]
+        return TrainingSample(np.ascontiguousarray(pixels), prompts, _category_map(masks, numbers, mask_size))
+
+
+def _category_map(masks: np.ndarray, numbers: list[int], mask_size: int) -> np.ndarray:
+    """Each mask pixel's category number (0 where no instance covers half of it); where
+    instances overlap, the later annotation wins, as when they are painted in order."""
+    labels = np.zeros((mask_size, mask_size), np.int64)
+    for mask, number in zip(masks, numbers):
+        small = cv2.resize(mask.astype(np.float32), (mask_size, mask_size), interpolation=cv2.INTER_AREA)
+        labels[small >= 0.5] = number
+    return labels
 
 
 def _target(name: str, masks: np.ndarray, mask_size: int) -> PromptTarget:

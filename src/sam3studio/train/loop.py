@@ -22,13 +22,16 @@ import numpy as np
 import torch
 
 from ..precision import Precision, PrecisionPlan, keep_sensitive_modules_fp32, resolve
-from .criterion import LossWeights, Predictions, set_criterion
+from .criterion import LossWeights, Predictions, category_loss, set_criterion
 from .data import CocoSegmentationData, TrainingSample
 
 CHECKPOINT_DIR = "checkpoint"
+CATEGORY_HEAD_FILE = "category_head.safetensors"
+# Files of a checkpoint that belong to the trainer, not to the model it trains.
+TRAINER_FILES = ("optimizer.safetensors", CATEGORY_HEAD_FILE, "trainer_state.json")
 # Settings a resumed run must share with the one it continues, or its batches and schedule change.
 RESUME_MUST_MATCH = ("data", "model", "steps", "images_per_step", "negatives_per_image", "lr", "weight_decay",
-                     "warmup_steps", "min_lr_ratio", "seed", "freeze", "image_size")
+                     "warmup_steps", "min_lr_ratio", "seed", "freeze", "image_size", "weights")
 FREEZABLE = {"vision": ("vision_encoder",), "text": ("text_encoder", "text_projection")}
 
 
@@ -114,7 +117,9 @@ def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: Precisi
                 fpn_position_encoding=tuple(t[image_index] for t in vision.fpn_position_encoding),
             )
             output = model(vision_embeds=per_row, input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
-        return capture.predictions(output), [p for _, p in rows]
+        predictions = capture.predictions(output)
+        predictions.pixel_features = vision.fpn_hidden_states[0]
+        return predictions, [p for _, p in rows]
     finally:
         capture.close()
 
@@ -176,14 +181,25 @@ class Trainer:
         self.plan = resolve(config.precision, config.device, force=config.force_precision)
         keep_sensitive_modules_fp32(self.model)
         _freeze(self.model, config.freeze)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
+        self.data = CocoSegmentationData(config.data)
+        self.category_head = self._category_head()
+        self.trained = torch.nn.ModuleList([self.model, self.category_head] if self.category_head else [self.model])
+        self.optimizer = torch.optim.AdamW(_param_groups(self.trained, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         cuda_fp16 = self.plan.device.type == "cuda" and self.plan.used is Precision.FP16
         self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None
-        self.data = CocoSegmentationData(config.data)
         self.step = 0
         self.lr = config.lr
         self.history: list[dict] = []
+
+    def _category_head(self) -> torch.nn.Conv2d | None:
+        """A 1x1 convolution from the finest vision features to category logits, used only by
+        the dense category loss; it is saved with the trainer's checkpoint, not with the model."""
+        if self.config.weights.category <= 0:
+            return None
+        width = self.model.config.vision_config.fpn_hidden_size
+        torch.manual_seed(self.config.seed)
+        return torch.nn.Conv2d(width, len(self.data.category_number) + 1, 1).to(self.config.device)
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -201,8 +217,13 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         torch.manual_seed(self.config.seed * 1_000_003 + self.step)  # dropout, reproducible on resume
         self.model.train()
-        predictions, targets = forward_batch(self.model, self.processor.tokenizer, self.batch(self.step), self.plan)
+        samples = self.batch(self.step)
+        predictions, targets = forward_batch(self.model, self.processor.tokenizer, samples, self.plan)
         losses = set_criterion(predictions, targets, self.config.weights)
+        if self.category_head is not None:
+            labels = torch.from_numpy(np.stack([s.categories for s in samples]))
+            losses["category"] = category_loss(self.category_head(predictions.pixel_features.float()), labels)
+            losses["total"] = losses["total"] + self.config.weights.category * losses["category"]
         self.optimizer.zero_grad(set_to_none=True)
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this step uses, for the log
         if self.scaler is not None:
@@ -210,7 +231,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.config.grad_clip)
         if self.scaler is not None:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -259,6 +280,8 @@ class Trainer:
         self.processor.save_pretrained(partial)
         tensors, meta = _optimizer_tensors(self.optimizer.state_dict())
         save_file(tensors, partial / "optimizer.safetensors")
+        if self.category_head is not None:
+            save_file({k: v.contiguous() for k, v in self.category_head.state_dict().items()}, partial / CATEGORY_HEAD_FILE)
         state = {
             "step": self.step,
             "optimizer": meta,
@@ -293,6 +316,8 @@ class Trainer:
                 f"{folder} was trained with other settings ({', '.join(sorted(changed))}); resuming would not retrace that run. "
                 "Use the same settings, or a new --out folder."
             )
+        if self.category_head is not None:
+            self.category_head.load_state_dict(load_file(folder / CATEGORY_HEAD_FILE))
         self.optimizer.load_state_dict(_optimizer_state(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:

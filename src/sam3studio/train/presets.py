@@ -90,17 +90,19 @@ DEMO_DATA = {"train": (4000, 101), "val": (200, 202), "test": (300, 303)}  # sce
 
 def demo_training_config(out: str, data: str, steps: int | None = None):
     """The one documented recipe that produced the shipped demo model."""
+    from .criterion import LossWeights
     from .loop import TrainConfig
 
     return TrainConfig(
         data=data,
         out=out,
-        steps=steps or 6000,
+        steps=steps or 2500,
         images_per_step=4,
         negatives_per_image=2,
-        lr=5e-4,
+        lr=3e-4,
         weight_decay=0.05,
-        warmup_steps=200,
+        warmup_steps=300,
+        weights=LossWeights(category=1.0),
         checkpoint_every=100,
         log_every=20,
         precision="auto",
@@ -131,6 +133,7 @@ def export_demo_model(checkpoint: str | Path, val_data: str | Path, destination:
     from ..loading import SETTINGS_FILE
     from ..segmenter import load_segmenter
     from .data import CocoSegmentationData
+    from .loop import TRAINER_FILES
 
     seg = load_segmenter(str(checkpoint), precision="fp32", device="cpu")
     cases, _ = collect(seg, CocoSegmentationData(val_data), precision="fp32")
@@ -138,7 +141,7 @@ def export_demo_model(checkpoint: str | Path, val_data: str | Path, destination:
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     for path in Path(checkpoint).iterdir():
-        if path.suffix in (".json", ".safetensors", ".txt") and path.name not in ("optimizer.safetensors", "trainer_state.json"):
+        if path.suffix in (".json", ".safetensors", ".txt") and path.name not in TRAINER_FILES:
             shutil.copy2(path, destination / path.name)
     (destination / SETTINGS_FILE).write_text(json.dumps({"score_threshold": threshold}, indent=1))
     (destination / "README.md").write_text(_model_card(threshold, notes), encoding="utf-8")
