@@ -1,4 +1,4 @@
-"""The `sam3studio` command: segment, download, info. A thin shell over the library."""
+"""The `sam3studio` command: segment, download, info, serve, train, eval, bench. A thin shell over the library."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ PRECISION_HELP = (
     "fp32 | fp16 | bf16 | auto. auto = fp16 on CUDA, bf16 on a CPU where bf16 beats fp32 "
     "(e.g. AMD Zen 4), else fp32. On a CPU without native bf16 (e.g. AMD Zen 3, AVX2 only) an "
     "explicit bf16 or fp16 runs fp32 instead, with a warning, since it would be 6-100x slower; "
-    "on a CPU with native bf16, fp16 runs as bf16. --force-precision runs exactly what you ask."
+    "on a CPU with native bf16, fp16 runs as bf16. --force-precision runs exactly what you ask. "
+    "int8 (experimental, CPU): dynamic int8 Linear layers, chosen when the model is loaded."
 )
 
 
@@ -257,6 +258,35 @@ def evaluate_model(
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps([r.as_dict() for r in reports], indent=1))
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="'full-random' (full-size SAM3, random weights: speed and memory only), 'demo', or a folder / hub id.")] = "demo",
+    precision: Annotated[str, typer.Option(help="Comma-separated modes, each measured in a fresh process: fp32,bf16,fp16,auto,int8.")] = "fp32,bf16,auto",
+    size: Annotated[int, typer.Option(help="Side of the square test images, in pixels.")] = 1008,
+    images: Annotated[int, typer.Option(help="Measured images per mode (after one warm-up image).")] = 3,
+    prompts: Annotated[int, typer.Option(help="Prompts in the many-prompt case (the one-prompt case is always measured).")] = 10,
+    out: Annotated[Path, typer.Option(help="Folder for report.md, results.json, chart.png (and the full-random checkpoint).")] = Path("bench-out"),
+    baseline: Annotated[bool, typer.Option(help="Also measure plain transformers fp32, the baseline of every ratio.")] = True,
+    quality_data: Annotated[Optional[Path], typer.Option(help="COCO dataset for mIoU; default for 'demo': synthetic scenes.")] = None,
+    quality_images: Annotated[int, typer.Option(help="Images of the quality set to score.")] = 50,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    force_precision: Annotated[bool, typer.Option("--force-precision", help="Measure each mode as asked even where this CPU would run fp32 instead.")] = False,
+) -> None:
+    """Latency, peak memory, mIoU and mask agreement per precision mode, beside plain transformers."""
+    from .bench import BenchConfig, BenchError, run_bench
+
+    modes = tuple(m.strip() for m in precision.split(",") if m.strip())
+    config = BenchConfig(out=str(out), model=model, precisions=modes, size=size, images=images, prompts=prompts, baseline=baseline,
+                         device=device, force_precision=force_precision, quality_data=str(quality_data) if quality_data else None,
+                         quality_images=quality_images)
+    try:
+        run_bench(config, on_progress=lambda text: console.print(text))
+    except BenchError as exc:
+        raise CliError(str(exc)) from None
+    print((out / "report.md").read_text(encoding="utf-8"))
+    console.print(f"results in {out}: report.md, results.json, chart.png")
 
 
 def _version() -> str:

@@ -26,6 +26,7 @@ class Precision(str, Enum):
     FP16 = "fp16"
     BF16 = "bf16"
     AUTO = "auto"
+    INT8 = "int8"  # experimental: dynamic int8 Linear layers, CPU only, chosen when loading
 
     @classmethod
     def parse(cls, value: str | Precision) -> Precision:
@@ -120,7 +121,8 @@ class PrecisionPlan:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return None if self.used is Precision.FP32 else DTYPES[self.used]
+        """None for plain fp32, and for int8, whose quantized layers take fp32 activations."""
+        return DTYPES.get(self.used) if self.used is not Precision.FP32 else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context a forward pass runs in; plain fp32 enters no autocast at all."""
@@ -163,6 +165,8 @@ def resolve(
 def _resolve_cuda(requested: Precision, force: bool) -> tuple[Precision, str]:
     if requested is Precision.AUTO:
         return Precision.FP16, ""
+    if requested is Precision.INT8:
+        return Precision.FP16, "int8 (dynamic quantization) runs on CPUs only; fp16 is the fast path on a GPU"
     if requested is Precision.BF16 and not force and not torch.cuda.is_bf16_supported():
         return Precision.FP16, "this GPU has no bf16 support; running fp16"
     return requested, ""
@@ -173,7 +177,7 @@ def _resolve_cpu(requested: Precision, force: bool) -> tuple[Precision, str]:
     native = cpu.native_bf16
     if requested is Precision.AUTO:
         return (Precision.BF16 if cpu.bf16_faster else Precision.FP32), ""
-    if force or requested is Precision.FP32:
+    if force or requested in (Precision.FP32, Precision.INT8):
         return requested, ""
     if requested is Precision.BF16 and native:
         return Precision.BF16, ""
@@ -191,6 +195,8 @@ def _resolve_weights_dtype(weights_dtype: str | None, requested: Precision, used
     if weights_dtype is None or Precision.parse(weights_dtype) in (Precision.FP32, Precision.AUTO):
         return torch.float32, ""
     wanted = Precision.parse(weights_dtype)
+    if Precision.INT8 in (wanted, used):
+        raise PrecisionError("int8 quantizes the weights itself; leave --weights-dtype at fp32 with --precision int8.")
     if wanted is not requested and wanted is not used:
         raise PrecisionError(f"--weights-dtype {wanted.value} cannot run under {used.value} autocast; use --weights-dtype {used.value}.")
     if used is Precision.FP32:
@@ -249,6 +255,25 @@ def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if id(module) not in kept:
             module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Replace every Linear layer outside the fp32-kept modules by a dynamic int8 one (weights
+    int8 per tensor, activations quantized per batch on the fly, fp32 in and out), in place.
+    Returns how many layers were replaced.
+
+    Why torch.ao: it runs on the x86 CPUs here through fbgemm/oneDNN with no compile step;
+    torch marks it deprecated in favour of torchao, whose CPU int8 path needs torch.compile."""
+    import warnings
+
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    kept = {id(m) for top in fp32_modules(model) for m in top.modules()}
+    names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in kept}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+        quantize_dynamic(model, qconfig_spec=dict.fromkeys(names, default_dynamic_qconfig), inplace=True)
+    return len(names)
 
 
 def _fp32_forward(forward: Callable) -> Callable:

@@ -30,6 +30,7 @@ from .precision import (
     all_finite,
     cast_weights,
     keep_sensitive_modules_fp32,
+    quantize_int8,
     resolve,
 )
 from .prompts import PromptsInput, Sam3Warning, attach_boxes, parse_prompts
@@ -117,6 +118,9 @@ class Segmenter:
         keep_sensitive_modules_fp32(self.model)
         if self.weights_dtype != torch.float32:
             cast_weights(self.model, self.weights_dtype)
+        self.quantized = plan.used is Precision.INT8
+        if self.quantized:
+            quantize_int8(self.model)
 
     @property
     def model_name(self) -> str:
@@ -134,6 +138,11 @@ class Segmenter:
         key = Precision.parse(precision).value
         if key not in self._plans:
             plan = resolve(key, self.device, force=self.force_precision)
+            if (plan.used is Precision.INT8) != self.quantized:
+                raise PrecisionError(
+                    f"This model was loaded for {self.default_plan.describe()}; int8 and the float modes need different weights, "
+                    f"so load it again with --precision {plan.used.value} to run {plan.used.value}."
+                )
             if self.weights_dtype != torch.float32 and plan.autocast_dtype != self.weights_dtype:
                 raise PrecisionError(
                     f"This model was loaded with {self.default_plan.describe()} weights, which cannot run {plan.used.value}; "
@@ -219,7 +228,8 @@ class Segmenter:
         timings: dict[str, float] = {}
         outputs = self._forward(picture, prompts, plan, timings)
         fallback = False
-        if plan.used is not Precision.FP32 and not all_finite(*outputs):
+        # Only half precision can overflow; int8 layers compute and return fp32.
+        if plan.autocast_dtype is not None and not all_finite(*outputs):
             warnings.warn(
                 f"{plan.used.value} produced non-finite outputs; running this image again in fp32.", Sam3Warning, stacklevel=3
             )

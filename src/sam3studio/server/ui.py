@@ -68,7 +68,9 @@ def precision_choices(service: SegmentService) -> list[tuple[str, str]]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     choices = []
-    for mode in Precision:
+    # int8 needs its own quantized weights, so it is offered alone when the server loaded it.
+    modes = [Precision.INT8] if service.config.precision == Precision.INT8.value else [m for m in Precision if m is not Precision.INT8]
+    for mode in modes:
         used = resolve(mode, device).used.value
         shown = mode.value if used == mode.value else f"{mode.value} (runs {used} here)"
         choices.append((shown, mode.value))
