@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -109,3 +110,34 @@ def test_half_weights_leave_fp32_modules_bit_exact(tiny_checkpoint):
     for name, value in before.items():
         assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
     assert model.text_projection.weight.dtype is torch.bfloat16
+
+
+def test_int8_resolves_on_cpu_and_becomes_fp16_on_cuda():
+    assert resolve("int8", "cpu").used is Precision.INT8
+    cuda = resolve("int8", "cuda")
+    assert cuda.used is Precision.FP16 and "CPUs only" in cuda.reason
+    assert resolve("int8", "cpu").autocast_dtype is None
+    with pytest.raises(PrecisionError, match="int8"):
+        resolve("int8", "cpu", weights_dtype="bf16")
+
+
+def test_int8_quantizes_linear_layers_but_not_the_fp32_modules(tiny_checkpoint, scene):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    from sam3studio import load_segmenter
+    from sam3studio.precision import fp32_modules
+
+    fp32 = load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu")
+    int8 = load_segmenter(str(tiny_checkpoint), precision="int8", device="cpu")
+    quantized = [m for m in int8.model.modules() if isinstance(m, DynamicInt8Linear)]
+    assert len(quantized) > 50
+    assert not any(isinstance(m, DynamicInt8Linear) for top in fp32_modules(int8.model) for m in top.modules())
+    a, b = fp32.predict(scene, "red thing, blue thing"), int8.predict(scene, "red thing, blue thing")
+    assert b.precision_used == "int8" and not b.fallback_fp32
+    agree = np.logical_and(a.mask_logits > 0, b.mask_logits > 0).sum() / np.logical_or(a.mask_logits > 0, b.mask_logits > 0).sum()
+    assert agree > 0.9
+    assert np.abs(a.scores - b.scores).max() < 0.05
+    with pytest.raises(PrecisionError, match="load it again"):
+        int8.predict(scene, "red thing", precision="fp32")
+    with pytest.raises(PrecisionError, match="load it again"):
+        fp32.predict(scene, "red thing", precision="int8")

@@ -271,7 +271,9 @@ def quantize_int8(model: nn.Module) -> int:
     kept = {id(m) for top in fp32_modules(model) for m in top.modules()}
     names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in kept}
     with warnings.catch_warnings():
+        # torch 2.14 still ships and runs it; the pinned version keeps it. Say it once, in the docstring.
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
         quantize_dynamic(model, qconfig_spec=dict.fromkeys(names, default_dynamic_qconfig), inplace=True)
     return len(names)
 
