@@ -96,7 +96,7 @@ def demo_training_config(out: str, data: str, steps: int | None = None):
     return TrainConfig(
         data=data,
         out=out,
-        steps=steps or 2500,
+        steps=steps or 1800,
         images_per_step=4,
         negatives_per_image=2,
         lr=3e-4,
