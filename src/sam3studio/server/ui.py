@@ -20,6 +20,8 @@ from ..precision import Precision, resolve
 from ..render import instance_color, overlay
 from .service import Answer, Busy, NotReady, SegmentService
 
+# Shapes scenes the demo model knows (shapes.render_scene, seeds 500, 502 and 503, 360-560 px);
+# a file's name after "__" is its example prompt.
 EXAMPLES_DIR = Path(__file__).with_name("examples")
 DOWNLOADS_DIR = Path(tempfile.gettempdir()) / "sam3studio-downloads"  # one known place, not scattered temp dirs
 FAQ = """
@@ -94,7 +96,7 @@ def build_ui(service: SegmentService) -> gr.Blocks:
                 precision = gr.Radio(precision_choices(service), value=service.config.precision, label="Precision",
                                      info="fp16 on a CPU runs as bf16 where the CPU has it, else fp32: CPUs compute fp16 slowly.")
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
-                examples = sorted(EXAMPLES_DIR.glob("*.png"))
+                examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
                 if examples:
                     gr.Examples([[str(p), p.stem.split("__")[-1].replace("_", " ")] for p in examples], inputs=[image, prompts])
             with gr.Column(scale=1):
