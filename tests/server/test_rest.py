@@ -104,3 +104,25 @@ def test_fifty_concurrent_requests_are_all_answered(tiny_checkpoint, scene):
         t.join(timeout=180)
     assert len(statuses) == 50, "every request got an answer"
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 5
+
+
+def test_chunked_upload_over_the_limit_is_413_and_under_it_works(client, scene):
+    """No Content-Length (chunked transfer): the limit is enforced by reading, still as 413."""
+    boundary = "sam3studio-test"
+
+    def multipart(payload: bytes) -> bytes:
+        return (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompts\"\r\n\r\nred square\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"s.png\"\r\nContent-Type: image/png\r\n\r\n"
+        ).encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks(body: bytes):
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    big = client.post("/v1/segment", content=chunks(multipart(b"0" * 2_100_000)), headers=headers)
+    assert big.status_code == 413 and "larger than the server accepts" in big.json()["detail"]
+    small = client.post("/v1/segment", content=chunks(multipart(_png(scene))), headers=headers)
+    assert small.status_code == 200, small.text
+    assert client.get("/healthz").status_code == 200

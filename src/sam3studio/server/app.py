@@ -99,7 +99,9 @@ def _handler(status: int):
 
 class UploadLimit:
     """Refuse request bodies over `max_bytes` with 413 before they are parsed or stored
-    (FastAPI itself sets no limit): by Content-Length when given, else by counting."""
+    (FastAPI itself sets no limit): by Content-Length when given, else by reading the body up
+    to the limit first. Reading it whole (it is bounded) means a chunked upload that runs over
+    gets a 413 too, not whatever error the form parser would make of a cut-off body."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -109,28 +111,27 @@ class UploadLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(send)
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                return await self._too_large(send)
+            return await self.app(scope, receive, send)
+        messages, seen = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _TooLarge()
-            return message
+                return await self._too_large(send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._too_large(send)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, send) -> None:
         body = b'{"error":"TooLarge","detail":"The upload is larger than the server accepts (%d MB)."}' % (self.max_bytes // 2**20)
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-
-class _TooLarge(Exception):
-    pass
