@@ -1,6 +1,6 @@
 import numpy as np
 
-from sam3studio.evaluate import EvalCase, calibrate_threshold, collect, score
+from sam3studio.evaluate import EvalCase, best_queries, calibrate_threshold, collect, score
 from sam3studio.types import Prompt, RawPrediction
 
 
@@ -58,3 +58,17 @@ def test_collect_runs_the_model_on_a_dataset(tmp_path, segmenter):
     assert [c.negatives for c in cases] == [c.negatives for c in again], "the same negatives for every mode"
     report = score(cases, 0.0)
     assert 0.0 <= report.miou <= 1.0 and report.instances == sum(len(m) for c in cases for m in c.truth.values())
+
+
+def test_best_queries_keeps_the_top_scores_of_each_prompt_with_their_masks():
+    rng = np.random.default_rng(0)
+    scores = rng.random((2, 10)).astype(np.float32)
+    masks = np.arange(2 * 10, dtype=np.float32).reshape(2, 10, 1, 1) * np.ones((1, 1, 4, 4), np.float32)
+    raw = RawPrediction((8, 8), [Prompt("a"), Prompt("b")], scores, rng.random((2, 10, 4)).astype(np.float32), masks, "m", "fp32", "fp32")
+    slim = best_queries(raw, 3)
+    for p in range(2):
+        top = np.argsort(-scores[p])[:3]
+        assert np.array_equal(slim.scores[p], scores[p, top])
+        assert np.array_equal(slim.mask_logits[p, :, 0, 0], masks[p, top, 0, 0])
+        assert np.array_equal(slim.boxes[p], raw.boxes[p, top])
+    assert best_queries(raw, 10) is raw

@@ -9,7 +9,7 @@ any threshold can be scored, and a model's default threshold calibrated, without
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -56,8 +56,22 @@ def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negat
         negatives = rng.choice(absent, size=min(negatives_per_image, len(absent)), replace=False).tolist() if absent else []
         # Prompt objects: names reach the model exactly as written (no comma or ":0.5" parsing).
         raw = seg.predict(data.image_path(index), [Prompt(name) for name in [*truth, *negatives]], precision=precision)
-        cases.append(EvalCase(raw, truth, negatives))
+        cases.append(EvalCase(best_queries(raw, KEPT_QUERIES), truth, negatives))
     return cases, time.perf_counter() - started
+
+
+# Queries kept per prompt for scoring. No prompt here has more objects than this, and full-size
+# SAM3's 200 queries of 288x288 mask logits would take 66 MB per prompt and image to keep.
+KEPT_QUERIES = 32
+
+
+def best_queries(raw: RawPrediction, keep: int) -> RawPrediction:
+    """The `keep` best-scoring queries of each prompt (all of them when there are fewer)."""
+    if raw.scores.shape[1] <= keep:
+        return raw
+    order = np.argsort(-raw.scores, axis=1)[:, :keep]
+    rows = np.arange(len(order))[:, None]
+    return replace(raw, scores=raw.scores[rows, order], boxes=raw.boxes[rows, order], mask_logits=raw.mask_logits[rows, order])
 
 
 def score(cases: list[EvalCase], threshold: float, *, refine: int = 0, label: str = "") -> EvalReport:
