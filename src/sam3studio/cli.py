@@ -217,11 +217,11 @@ def train(
     console.print(f"done: {config.steps} steps; checkpoint in {out / 'checkpoint'}")
     if preset == "demo":
         from .loading import DEMO_MODEL_DIR
-        from .train.presets import export_demo_model
+        from .train.presets import export_demo_model, training_notes
 
-        notes = {"steps": config.steps, "precision": trainer.plan.used.value, "training log": "metrics.json of the run"}
-        threshold = export_demo_model(out / "checkpoint", splits["val"], DEMO_MODEL_DIR, notes=notes)
-        console.print(f"installed the demo model in {DEMO_MODEL_DIR} (score threshold {threshold})")
+        notes = training_notes(trainer)
+        export_demo_model(out / "checkpoint", splits, DEMO_MODEL_DIR, notes=notes)
+        console.print(f"installed the demo model in {DEMO_MODEL_DIR}; its card: {DEMO_MODEL_DIR / 'README.md'}")
 
 
 @app.command("eval")

@@ -120,3 +120,31 @@ def test_image_size_must_match_its_annotations(shapes, tmp_path):
     index = next(i for i, image_id in enumerate(data.image_ids) if data.images[image_id]["width"] != data.images[image_id]["height"])
     with pytest.raises(DataError, match="would not line up"):
         data.sample(index, np.random.default_rng(0), input_size=56, mask_size=16, mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def test_category_loss_trains_a_head_that_resumes_and_stays_out_of_the_model(shapes, tiny_checkpoint, tmp_path):
+    from sam3studio.train.criterion import LossWeights
+    from sam3studio.train.loop import CATEGORY_HEAD_FILE
+
+    weights = LossWeights(category=1.0)
+    straight = train(_config(shapes, tiny_checkpoint, tmp_path / "straight", weights=weights))
+    assert all("category" in entry["losses"] for entry in straight.history)
+    half = train(_config(shapes, tiny_checkpoint, tmp_path / "halves", weights=weights), on_log=_stop_after(3))
+    assert (tmp_path / "halves" / CHECKPOINT_DIR / CATEGORY_HEAD_FILE).is_file()
+    resumed = train(_config(shapes, tiny_checkpoint, tmp_path / "halves", weights=weights))
+    assert half.step == 3 and resumed.step == 6
+    for a, b in ((straight.model, resumed.model), (straight.category_head, resumed.category_head)):
+        wa, wb = _weights(a), _weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any("category" in name for name in resumed.model.state_dict())
+    with pytest.raises(ValueError, match="other settings .weights."):
+        train(_config(shapes, tiny_checkpoint, tmp_path / "halves"))
+
+
+def test_category_map_labels_each_pixel_with_its_instance_category(shapes):
+    data = CocoSegmentationData(shapes)
+    sample = data.sample(0, np.random.default_rng(0), input_size=56, mask_size=16, mean=[0.5] * 3, std=[0.5] * 3, flip=False)
+    assert sample.categories.shape == (16, 16)
+    present = {data.category_number[int(a["category_id"])] for a in data.by_image[data.image_ids[0]]}
+    assert set(np.unique(sample.categories)) - {0} <= present
+    assert (sample.categories > 0).any() and (sample.categories == 0).any()

@@ -1,0 +1,30 @@
+"""The demo recipe's export step, run on the tiny checkpoint and tiny shapes sets: it installs
+the model files only, with a calibrated threshold, test scores in fp32 and bf16, and a card."""
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from sam3studio.loading import SETTINGS_FILE, load_model
+from sam3studio.train.presets import export_demo_model
+from sam3studio.train.shapes import SceneConfig, write_dataset
+
+
+def test_export_installs_a_loadable_model_with_threshold_scores_and_card(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    save_file({"0.exp_avg": torch.zeros(2)}, checkpoint / "optimizer.safetensors")  # trainer files stay behind
+    (checkpoint / "trainer_state.json").write_text("{}")
+    scenes = SceneConfig(min_side=64, max_side=96, max_objects=2)
+    splits = {name: write_dataset(tmp_path / name, 3, seed=seed, config=scenes) for name, seed in (("val", 1), ("test", 2))}
+    reports = export_demo_model(checkpoint, splits, tmp_path / "demo", notes={"steps": 6})
+    installed = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {"config.json", "model.safetensors", SETTINGS_FILE, "eval.json", "README.md"} <= installed
+    assert not installed & {"optimizer.safetensors", "trainer_state.json"}
+    assert [r["precision"] for r in reports] == ["fp32", "bf16"]
+    threshold = json.loads((tmp_path / "demo" / SETTINGS_FILE).read_text())["score_threshold"]
+    assert load_model(tmp_path / "demo").score_threshold == threshold
+    card = (tmp_path / "demo" / "README.md").read_text()
+    assert "| fp32 |" in card and "| bf16 |" in card and "- steps: 6" in card
