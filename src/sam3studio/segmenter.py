@@ -34,6 +34,7 @@ from .precision import (
     resolve,
 )
 from .prompts import PromptsInput, Sam3Warning, attach_boxes, parse_prompts
+from .speedups import PixelDecoderSkips
 from .types import Prompt, RawPrediction, Result
 
 MAX_TEXT_TOKENS = 32  # SAM3's text encoder has 32 positions, start and end tokens included
@@ -84,6 +85,7 @@ class EncodedImage:
     image_size: tuple[int, int]  # (height, width)
     fpn_hidden_states: tuple[torch.Tensor, ...]
     fpn_position_encoding: tuple[torch.Tensor, ...]
+    decoder_skips: tuple[torch.Tensor, ...] | None = None  # see speedups.PixelDecoderSkips
 
     def expanded(self, batch: int):
         """The encoding repeated for `batch` prompts, as views: no copy of the features."""
@@ -121,6 +123,7 @@ class Segmenter:
         self.quantized = plan.used is Precision.INT8
         if self.quantized:
             quantize_int8(self.model)
+        self._pixel_decoder = PixelDecoderSkips.install(self.model)
 
     @property
     def model_name(self) -> str:
@@ -288,7 +291,7 @@ class Segmenter:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         input_boxes, input_labels = self._box_tensors(prompts, encoded.image_size)
-        with torch.inference_mode(), plan.autocast():
+        with torch.inference_mode(), plan.autocast(), self._pixel_decoder.using(encoded.decoder_skips):
             out = self.model(
                 vision_embeds=encoded.expanded(len(prompts)),
                 text_embeds=BaseModelOutputWithPooling(pooler_output=text_embeds),
@@ -308,7 +311,9 @@ class Segmenter:
             pixels = self.processor.image_processor(images=picture.rgb, return_tensors="pt")["pixel_values"].to(self.device)
             with torch.inference_mode(), plan.autocast():
                 vision = self.model.get_vision_features(pixel_values=pixels)
-            encoded = EncodedImage(picture.rgb.shape[:2], tuple(vision.fpn_hidden_states), tuple(vision.fpn_position_encoding))
+                features = tuple(vision.fpn_hidden_states)
+                skips = self._pixel_decoder.image_skips(features[:-1])  # the levels Sam3Model passes on
+            encoded = EncodedImage(picture.rgb.shape[:2], features, tuple(vision.fpn_position_encoding), skips)
             _synchronize(plan.device)
             self.counters["image_encodings"] += 1
             self._images.put(key, encoded)

@@ -1,0 +1,105 @@
+"""Work on SAM3's prompt path that depends on the image alone, done once per image instead of
+once per prompt.
+
+SAM3's pixel decoder takes the prompt-conditioned encoder output (72x72 at full size) up to the
+mask resolution in two steps; each step upsamples 2x (nearest), adds a backbone feature map of
+the image and applies a 3x3 convolution, then GroupNorm and ReLU. A convolution is linear, so
+conv(up(x) + f) = conv(up(x)) + conv(f):
+
+- conv(f) depends on the image only, so it is computed once, with the image's encoding;
+- a 3x3 convolution of a 2x nearest-upsampled map equals four 2x2 convolutions at the low
+  resolution, one per output phase: 16 multiply-adds per pixel and channel pair instead of 36.
+
+At full size the 288x288 step dominates the pixel decoder; per prompt it gets ~2.7x faster.
+The results equal the original's up to float rounding (tests compare the two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Which 3x3 taps fall on the same low-resolution row (or column), for output phase 0 and 1:
+# phase 0 reads rows i-1 (tap 0) and i (taps 1, 2); phase 1 reads rows i (taps 0, 1) and i+1 (tap 2).
+_TAPS = {0: ([0], [1, 2]), 1: ([0, 1], [2])}
+
+
+def phase_kernels(weight: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+    """The four 2x2 kernels (out, in, 2, 2) that apply `weight` (out, in, 3, 3) to a 2x
+    nearest-upsampled input, one per output phase (row parity, column parity)."""
+    w = weight.float()
+    kernels = {}
+    for a in (0, 1):
+        for b in (0, 1):
+            rows = [torch.stack([w[:, :, r][:, :, :, c].sum((2, 3)) for c in _TAPS[b]], -1) for r in _TAPS[a]]
+            kernels[a, b] = torch.stack(rows, -2).to(weight.dtype)
+    return kernels
+
+
+def upsampled_conv(x: torch.Tensor, kernels: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    """conv3x3(nearest_upsample_2x(x)) with padding 1 and no bias, computed at x's resolution."""
+    batch, _, height, width = x.shape
+    parts = {}
+    for (a, b), kernel in kernels.items():
+        parts[a, b] = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernel)  # reads rows i-1+a..i+a
+    out = parts[0, 0].new_empty(batch, parts[0, 0].shape[1], 2 * height, 2 * width)
+    for (a, b), part in parts.items():
+        out[:, :, a::2, b::2] = part
+    return out
+
+
+class PixelDecoderSkips:
+    """The split computation, installed on a model's pixel decoder. Outside `using(...)` the
+    decoder runs exactly as before (training, other callers)."""
+
+    def __init__(self, decoder: nn.Module):
+        self.decoder = decoder
+        self._skips: tuple[torch.Tensor, ...] | None = None
+        self._original = decoder.forward
+        decoder.forward = self._forward
+
+    @classmethod
+    def install(cls, model: nn.Module) -> PixelDecoderSkips:
+        """Once per model: a second Segmenter over the same model shares the first one's."""
+        decoder = model.mask_decoder.pixel_decoder
+        if not isinstance(getattr(decoder, "_sam3studio_skips", None), cls):
+            decoder._sam3studio_skips = cls(decoder)
+        return decoder._sam3studio_skips
+
+    @functools.cached_property
+    def _kernels(self) -> list[dict[tuple[int, int], torch.Tensor]]:
+        # Weights are fixed at inference; computed on first use, after any dtype cast.
+        return [phase_kernels(conv.weight.detach()) for conv in self.decoder.conv_layers]
+
+    def image_skips(self, backbone_features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        """conv_i(f_i) + bias for each upsampling step, from one image's backbone features
+        (batch 1, finest first, as `Sam3Model` passes them). None when the levels are not
+        exact 2x steps (then the plain path runs)."""
+        levels = list(reversed(backbone_features[:-1]))  # coarse to fine, the decoder's order
+        sizes = [tuple(backbone_features[-1].shape[-2:])] + [tuple(f.shape[-2:]) for f in levels]
+        if any(fine != (2 * coarse[0], 2 * coarse[1]) for coarse, fine in zip(sizes, sizes[1:])):
+            return None
+        with torch.inference_mode():
+            return tuple(conv(f) for conv, f in zip(self.decoder.conv_layers, levels))
+
+    @contextlib.contextmanager
+    def using(self, skips: tuple[torch.Tensor, ...] | None) -> Iterator[None]:
+        self._skips = skips
+        try:
+            yield
+        finally:
+            self._skips = None
+
+    def _forward(self, backbone_features: list[torch.Tensor]) -> torch.Tensor:
+        if self._skips is None:
+            return self._original(backbone_features)
+        x = backbone_features[-1]
+        for index, skip in enumerate(self._skips):
+            x = upsampled_conv(x, self._kernels[index]) + skip
+            x = F.relu(self.decoder.norms[index](x))
+        return x

@@ -1,0 +1,40 @@
+"""The per-image pixel-decoder split gives the plain path's answers, on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sam3studio import load_segmenter
+from sam3studio.speedups import PixelDecoderSkips, phase_kernels, upsampled_conv
+
+
+@pytest.mark.parametrize("height, width", [(6, 6), (5, 9)])
+def test_four_small_convolutions_equal_a_convolution_of_the_upsampled_map(height, width):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, height, width)
+    conv = torch.nn.Conv2d(8, 5, 3, padding=1, bias=False)
+    expected = conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    assert torch.allclose(upsampled_conv(x, phase_kernels(conv.weight)), expected, atol=1e-5)
+
+
+def test_segmenter_outputs_match_the_plain_pixel_decoder(tiny_checkpoint, scene, monkeypatch):
+    fast = load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu")
+    assert fast.encode_image(scene).decoder_skips is not None
+    expected_raw = fast.predict(scene, "red thing, blue thing, thing")
+    monkeypatch.setattr(PixelDecoderSkips, "image_skips", lambda self, features: None)
+    plain = load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu")
+    assert plain.encode_image(scene).decoder_skips is None
+    plain_raw = plain.predict(scene, "red thing, blue thing, thing")
+    np.testing.assert_allclose(expected_raw.mask_logits, plain_raw.mask_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(expected_raw.scores, plain_raw.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_outside_the_segmenter_the_decoder_runs_as_before(tiny_checkpoint):
+    seg = load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu")
+    decoder = seg.model.mask_decoder.pixel_decoder
+    features = [torch.randn(1, decoder.out_channels, s, s) for s in (16, 8, 4)]
+    with torch.no_grad():
+        before = decoder.forward.__self__._original(features)
+        assert torch.equal(decoder(features), before)
+    assert PixelDecoderSkips.install(seg.model) is seg._pixel_decoder  # installed once per model
