@@ -46,7 +46,9 @@ def upsampled_conv(x: torch.Tensor, kernels: dict[tuple[int, int], torch.Tensor]
     batch, _, height, width = x.shape
     parts = {}
     for (a, b), kernel in kernels.items():
-        parts[a, b] = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernel)  # reads rows i-1+a..i+a
+        # Padding makes phase (a, b) read rows i-1+a..i+a; the kernel follows x's dtype outside
+        # autocast (half weights upcast for an fp32 fallback pass), autocast casts both inside it.
+        parts[a, b] = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernel.to(x.dtype))
     out = parts[0, 0].new_empty(batch, parts[0, 0].shape[1], 2 * height, 2 * width)
     for (a, b), part in parts.items():
         out[:, :, a::2, b::2] = part
