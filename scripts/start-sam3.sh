@@ -64,10 +64,13 @@ supervise() {  # runs in the background: start the server, restart it when it di
   local restarts=0 child=""
   trap '[ -n "$child" ] && kill "$child" 2>/dev/null; wait 2>/dev/null; rm -f "$child_file"; exit 0' TERM INT
   while true; do
+    local started=$SECONDS
     "$python" -m sam3studio.cli serve --host "$host" --port "$port" >>"$log_file" 2>&1 &
     child=$!
     echo "$child" > "$child_file"
     set +e; wait "$child"; status=$?; set -e
+    # A server that ran for 10 minutes was healthy: its crash starts a new count.
+    [ $((SECONDS - started)) -lt 600 ] || restarts=0
     restarts=$((restarts + 1))
     if [ "$restarts" -gt "$max_restarts" ]; then
       echo "$(date -Is) server exited ($status) $restarts times; giving up" >>"$log_file"
@@ -79,12 +82,14 @@ supervise() {  # runs in the background: start the server, restart it when it di
 }
 
 start() {
+  mkdir -p "$run_dir"
+  exec 9>"$run_dir/start.lock"  # two starts at once: the second waits for none, it refuses
+  flock -n 9 || die "another start is in progress."
   if pid="$(running_pid)"; then die "already running (pid $pid) at $url; '$0 stop' first."; fi
   echo "checking dependencies:"
   check_dependencies
-  mkdir -p "$run_dir"
   echo "$(date -Is) starting: model ${SAM3_MODEL:-demo}, precision ${SAM3_PRECISION:-auto}, $url" >>"$log_file"
-  nohup "$0" __supervise >/dev/null 2>&1 &
+  nohup "$0" __supervise >/dev/null 2>&1 9>&- &
   echo $! > "$pid_file"
   local deadline=$((SECONDS + ${SAM3_START_TIMEOUT:-600}))
   until ready; do
