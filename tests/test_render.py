@@ -40,5 +40,5 @@ def test_annotated_sections_keep_result_order():
     image = np.zeros((60, 80, 3), dtype=np.uint8)
     base, sections = annotated_sections(image, _result())
     assert base is image
-    assert [label for _, label in sections] == ["red car 0.91", "dog 0.55"]
+    assert [label for _, label in sections] == ["1. red car 0.91", "2. dog 0.55"]
     assert sections[0][0].dtype == np.float32 and sections[0][0].max() == 1.0

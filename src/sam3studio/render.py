@@ -53,8 +53,10 @@ def overlay(
 
 
 def annotated_sections(image: np.ndarray, result: Result) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
-    """(image, [(mask as float32 0/1, "label 0.87"), ...]) in result order, for gr.AnnotatedImage."""
-    return image, [(inst.mask.astype(np.float32), instance_caption(inst)) for inst in result.instances]
+    """(image, [(mask as float32 0/1, "1. label 0.87"), ...]) in result order, for
+    gr.AnnotatedImage. Numbered, so that every caption is unique (two dogs scoring 0.55 are
+    two regions) and names its row in a table of the instances."""
+    return image, [(inst.mask.astype(np.float32), f"{i + 1}. {instance_caption(inst)}") for i, inst in enumerate(result.instances)]
 
 
 def _brighter(color: tuple[int, int, int]) -> tuple[int, int, int]:

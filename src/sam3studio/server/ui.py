@@ -17,7 +17,7 @@ from PIL import Image
 from .. import ImageError, OptionError, PrecisionError, PromptError
 from ..export import result_document, safe_stem
 from ..precision import Precision, resolve
-from ..render import instance_color, overlay
+from ..render import annotated_sections, instance_color, overlay
 from .service import Answer, Busy, NotReady, SegmentService
 
 # Shapes scenes the demo model knows (shapes.render_scene, seeds 500, 502 and 503, 360-560 px);
@@ -55,11 +55,6 @@ CSS = "#click-xy { display: none !important; }"
 def mount_ui(app, service: SegmentService):
     """The UI at "/" of the FastAPI app, with the click handler; uploads capped like the REST API."""
     return gr.mount_gradio_app(app, build_ui(service), path="/", js=CLICK_JS, css=CSS, max_file_size=service.config.max_upload_bytes)
-
-
-def captions(answer: Answer) -> list[str]:
-    """Numbered so that each region's caption is unique and matches its row in the table."""
-    return [f"{i + 1}. {inst.label} {inst.score:.2f}" for i, inst in enumerate(answer.result.instances)]
 
 
 def precision_choices(service: SegmentService) -> list[tuple[str, str]]:
@@ -143,12 +138,12 @@ def _reselect(service: SegmentService, answer: Answer | None, threshold, refine)
 
 
 def _show(answer: Answer):
-    names = captions(answer)
+    image, sections = annotated_sections(answer.image, answer.result)
+    names = [name for _, name in sections]
     colors = {name: "#%02x%02x%02x" % instance_color(i) for i, name in enumerate(names)}
-    sections = [(inst.mask.astype(np.float32), name) for inst, name in zip(answer.result.instances, names)]
     rows = [[i + 1, inst.label, round(inst.score, 3), inst.area, ", ".join(f"{v:.0f}" for v in inst.box)] for i, inst in enumerate(answer.result.instances)]
     return (
-        gr.AnnotatedImage(value=(answer.image, sections), color_map=colors),
+        gr.AnnotatedImage(value=(image, sections), color_map=colors),
         rows,
         _status(answer),
         _downloads(answer),
