@@ -153,6 +153,7 @@ def category_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of per-pixel category logits (B, K+1, M, M) against labels (B, M, M).
 
     Why: the vision encoder otherwise learns only through the prompt-conditioned heads, one
-    matched query at a time; telling it directly which pixels are which category gives it
-    features the text can select from within the first few hundred steps."""
+    matched query at a time; telling it directly which pixels are which category (scored
+    against the text of each category name, see `loop.CategoryHead`) gives it features the
+    text can select from, and the text features something to select with."""
     return F.cross_entropy(logits.float(), labels.to(logits.device))

@@ -79,6 +79,10 @@ def build_demo_model(image_size: int = 336, seed: int = 0):
     config = demo_architecture(len(tokenizer), bos, eos, image_size)
     torch.manual_seed(seed)
     model = Sam3Model(config)
+    with torch.no_grad():
+        # transformers' std 0.02 makes every prompt's text features nearly the same vector
+        # (cosine 0.93-0.99 between "blue star" and "green square" at init); words must differ.
+        model.text_encoder.text_model.embeddings.token_embedding.weight.normal_(0.0, 1.0)
     grid = image_size // 14
     image_processor = Sam3ImageProcessor(size={"height": image_size, "width": image_size}, mask_size={"height": 4 * grid, "width": 4 * grid})
     return model, Sam3Processor(image_processor=image_processor, tokenizer=tokenizer)
@@ -97,13 +101,13 @@ def demo_training_config(out: str, data: str, steps: int | None = None):
     return TrainConfig(
         data=data,
         out=out,
-        steps=steps or 1800,
+        steps=steps or 1500,
         images_per_step=4,
         negatives_per_image=2,
         lr=3e-4,
         weight_decay=0.05,
         warmup_steps=300,
-        weights=LossWeights(category=1.0),
+        weights=LossWeights(category=2.0),
         checkpoint_every=100,
         log_every=20,
         precision="auto",
