@@ -148,3 +148,16 @@ def test_category_map_labels_each_pixel_with_its_instance_category(shapes):
     present = {data.category_number[int(a["category_id"])] for a in data.by_image[data.image_ids[0]]}
     assert set(np.unique(sample.categories)) - {0} <= present
     assert (sample.categories > 0).any() and (sample.categories == 0).any()
+
+
+def test_half_the_negatives_share_a_word_with_a_present_name():
+    from sam3studio.train.data import _negatives
+
+    vocabulary = ["blue star", "red star", "blue circle", "red circle", "star", "circle", "square", "green square"]
+    present = ["blue star", "star"]
+    absent = [n for n in vocabulary if n not in present]
+    for seed in range(5):
+        picked = _negatives(absent, present, 4, np.random.default_rng(seed))
+        assert len(picked) == 4 == len(set(picked)) and not set(picked) & set(present)
+        assert sum(bool({"blue", "star"} & set(n.split())) for n in picked) >= 2
+    assert _negatives([], present, 4, np.random.default_rng(0)) == []

@@ -129,12 +129,24 @@ class CocoSegmentationData:
         for i, ann in enumerate(anns):
             for name in self._names(self.categories[int(ann["category_id"])]):
                 groups.setdefault(name, []).append(i)
-        absent = [n for n in self.vocabulary if n not in groups]
-        chosen = rng.choice(absent, size=min(negatives, len(absent)), replace=False).tolist() if absent else []
+        chosen = _negatives([n for n in self.vocabulary if n not in groups], list(groups), negatives, rng)
         prompts = [_target(name, masks[idx], mask_size) for name, idx in groups.items()]
         prompts += [PromptTarget(name, np.zeros((0, mask_size, mask_size), np.float32), np.zeros((0, 4), np.float32)) for name in chosen]
         numbers = [self.category_number[int(a["category_id"])] for a in anns]
         return TrainingSample(np.ascontiguousarray(pixels), prompts, _category_map(masks, numbers, mask_size))
+
+
+def _negatives(absent: list[str], present: list[str], count: int, rng: np.random.Generator) -> list[str]:
+    """Up to `count` absent names, half of them hard: sharing a word with a present name
+    ("red star" beside a blue star). Random negatives alone ("square" where nothing is
+    square) can be told apart without reading the prompt closely; hard ones cannot, so the
+    model learns to attend to every word of it."""
+    words = {w for name in present for w in name.split()}
+    hard = [n for n in absent if words & set(n.split())]
+    picked = rng.choice(hard, size=min((count + 1) // 2, len(hard)), replace=False).tolist() if hard else []
+    rest = [n for n in absent if n not in picked]
+    picked += rng.choice(rest, size=min(count - len(picked), len(rest)), replace=False).tolist() if rest else []
+    return picked
 
 
 def _category_map(masks: np.ndarray, numbers: list[int], mask_size: int) -> np.ndarray:
