@@ -211,3 +211,18 @@ def test_full_size_sam3_runs_through_the_segmenter(scene):
     assert raw.scores.shape == (2, 200) and raw.mask_logits.shape == (2, 200, 288, 288)
     assert raw.mask_logits.dtype == np.float32 and np.isfinite(raw.mask_logits).all()
     assert select(raw, threshold=0.0).image_size == (90, 130)
+
+
+def test_many_prompts_run_in_passes_within_the_memory_budget_with_the_same_answers(tiny_checkpoint, scene, monkeypatch):
+    from sam3studio import segmenter as S
+
+    prompts = ["red thing", "blue thing", "thing", "square", "dog"]
+    whole = S.load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu")
+    expected = whole.predict(scene, prompts)
+    assert whole.counters["forward_passes"] == 1
+    monkeypatch.setattr(S, "PASS_BUDGET_BYTES", 1)  # one prompt per pass
+    split = S.load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu")
+    got = split.predict(scene, prompts)
+    assert split.counters["forward_passes"] == len(prompts)
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.mask_logits, expected.mask_logits, rtol=1e-4, atol=1e-4)

@@ -39,6 +39,9 @@ from .types import Prompt, RawPrediction, Result
 
 MAX_TEXT_TOKENS = 32  # SAM3's text encoder has 32 positions, start and end tokens included
 BOX_ONLY_TEXT = "visual"  # the text transformers pairs with box-only prompts
+# Activation memory one detection pass may take (see Segmenter._prompts_per_pass).
+PASS_BUDGET_BYTES = 1_200_000_000
+MAX_PROMPTS_PER_PASS = 64
 
 
 class LruCache:
@@ -280,11 +283,24 @@ class Segmenter:
         start = time.perf_counter()
         # A prompt without boxes batched beside prompts with boxes would get an all-padding box
         # input, which changes its answer; so the two kinds run as separate passes.
-        groups = [g for g in ([i for i, p in enumerate(prompts) if not p.boxes], [i for i, p in enumerate(prompts) if p.boxes]) if g]
+        kinds = ([i for i, p in enumerate(prompts) if not p.boxes], [i for i, p in enumerate(prompts) if p.boxes])
+        size = self._prompts_per_pass(encoded)
+        groups = [kind[start : start + size] for kind in kinds for start in range(0, len(kind), size)]
         parts = [self._detect(encoded, text_embeds[g], text_mask[g], [prompts[i] for i in g], plan) for g in groups]
         order = torch.tensor([i for g in groups for i in g]).argsort()
         timings["detect"] = (time.perf_counter() - start) * 1000
         return tuple(torch.cat(tensors)[order] for tensors in zip(*parts))
+
+    def _prompts_per_pass(self, encoded: EncodedImage) -> int:
+        """How many prompts one pass takes: as many as keep the pass's largest activations (the
+        pixel decoder's, channels x mask size, several alive at once) within PASS_BUDGET_BYTES.
+        At full size that is 2 prompts (85 MB per tensor and prompt); the demo model takes 48.
+        Bigger batches gain nothing on a CPU here and cost gigabytes: 10 prompts in one pass
+        took 1.8x the peak memory of plain transformers, and longer per prompt."""
+        finest = encoded.fpn_hidden_states[0]
+        queries = self.model.config.detr_decoder_config.num_queries
+        per_prompt = finest[0].numel() * 4 * 6 + queries * finest.shape[-1] * finest.shape[-2] * 4
+        return max(1, min(MAX_PROMPTS_PER_PASS, PASS_BUDGET_BYTES // per_prompt))
 
     def _detect(self, encoded: EncodedImage, text_embeds, text_mask, prompts: list[Prompt], plan: PrecisionPlan):
         """One batched pass of detector and mask decoder for `prompts` against the encoding."""

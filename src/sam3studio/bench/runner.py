@@ -136,10 +136,11 @@ def _run_worker(spec: WorkerSpec, stem: Path) -> WorkerResult:
     return WorkerResult(**json.loads(result_path.read_text()))
 
 
-def mask_agreement(out: Path, precisions: list[str], top: int = 5) -> dict[str, float]:
+def mask_agreement(out: Path, precisions: list[str], top: int = 5) -> dict[str, float | None]:
     """Mean IoU of each mode's masks with fp32's, over every image and prompt, for the `top`
     queries fp32 scores highest: the queries are the same slots in every mode, so slot i of a
-    mode is compared with slot i of fp32."""
+    mode is compared with slot i of fp32. Masks that fp32 leaves empty or full are skipped:
+    random weights make many such, and they would agree trivially. None when all are."""
     reference_path = out / "masks-fp32.npz"
     if not reference_path.is_file():
         return {}
@@ -156,8 +157,8 @@ def mask_agreement(out: Path, precisions: list[str], top: int = 5) -> dict[str, 
             best = np.argsort(-scores, axis=1)[:, :top]
             a, b = np.unpackbits(reference[key], axis=-1), np.unpackbits(other[key], axis=-1)
             for prompt, queries in enumerate(best):
-                ious += [_iou(a[prompt, q], b[prompt, q]) for q in queries]
-        agreement[mode] = float(np.mean(ious)) if ious else float("nan")
+                ious += [_iou(a[prompt, q], b[prompt, q]) for q in queries if 0 < a[prompt, q].mean() < 1]
+        agreement[mode] = float(np.mean(ious)) if ious else None
     return agreement
 
 
