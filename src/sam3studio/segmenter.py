@@ -330,7 +330,7 @@ class Segmenter:
                 features = tuple(vision.fpn_hidden_states)
                 skips = self._pixel_decoder.image_skips(features[:-1])  # the levels Sam3Model passes on
             encoded = EncodedImage(picture.rgb.shape[:2], features, tuple(vision.fpn_position_encoding), skips)
-            _synchronize(plan.device)
+            synchronize(plan.device)
             self.counters["image_encodings"] += 1
             self._images.put(key, encoded)
         return encoded
@@ -412,7 +412,7 @@ def _pick_device(device: str) -> torch.device:
     return chosen
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """CUDA runs asynchronously: wait for it so that timings measure the work, not the launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..segmenter import synchronize
+
 BASELINE = "transformers"
 
 
@@ -49,17 +51,12 @@ class WorkerResult:
     quality: dict | None = None
 
 
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _timed(device: str, call: Callable[[], object]) -> tuple[object, float]:
     """(what `call` returned, its wall time in ms), after the device has finished the work."""
-    _synchronize(device)
+    synchronize(torch.device(device))
     start = time.perf_counter()
     value = call()
-    _synchronize(device)
+    synchronize(torch.device(device))
     return value, (time.perf_counter() - start) * 1000
 
 
