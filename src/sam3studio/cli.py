@@ -182,27 +182,41 @@ def train(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Fine-tune SAM3 (or train a small one) on a COCO instance-segmentation dataset, in mixed precision."""
-    from .train.loop import TrainConfig, Trainer, load_for_training
+    from .train.loop import TrainConfig
 
     if preset not in (None, "demo"):
         raise CliError(f"Unknown --preset {preset!r}: the only preset is 'demo'.")
     if preset == "demo":
-        from .train.presets import demo_training_config, prepare_demo_data
+        from .train.presets import demo_training_stages, prepare_demo_data
 
         console.print(f"rendering the shapes datasets under {out / 'data'} (once)")
         splits = prepare_demo_data(out / "data")
-        config = demo_training_config(str(out), str(splits["train"]), steps)
+        stages = demo_training_stages(str(out), str(splits["train"]), steps)
     else:
         if data is None:
             raise CliError("Give --data (a COCO dataset folder) or --preset demo.")
         parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
-        config = TrainConfig(data=str(data), out=str(out), model=model, steps=steps or 2000, precision=precision,
-                             force_precision=force_precision, freeze=parts, images_per_step=images_per_step, lr=lr, seed=seed, device=device)
+        stages = [TrainConfig(data=str(data), out=str(out), model=model, steps=steps or 2000, precision=precision,
+                              force_precision=force_precision, freeze=parts, images_per_step=images_per_step, lr=lr, seed=seed, device=device)]
+    trainers = [_train_stage(config, f"stage {n} of {len(stages)}: " if len(stages) > 1 else "") for n, config in enumerate(stages, start=1)]
+    if preset == "demo":
+        from .loading import DEMO_MODEL_DIR
+        from .train.presets import export_demo_model, training_notes
+
+        export_demo_model(Path(stages[-1].out) / "checkpoint", splits, DEMO_MODEL_DIR, notes=training_notes(trainers))
+        console.print(f"installed the demo model in {DEMO_MODEL_DIR}; its card: {DEMO_MODEL_DIR / 'README.md'}")
+
+
+def _train_stage(config, label: str):
+    """Train (or resume, or find finished) one run folder, with a progress bar; exits 130 when
+    stopped by Ctrl-C or SIGTERM, after the checkpoint is saved."""
+    from .train.loop import Trainer, load_for_training
+
     model_obj, processor = load_for_training(config)
     trainer = Trainer(config, model_obj, processor)
     if trainer.resume():
-        console.print(f"resuming {out} at step {trainer.step}")
-    console.print(f"training on {trainer.plan.device} in {trainer.plan.used.value}" + (f" ({trainer.plan.reason})" if trainer.plan.reason else ""))
+        console.print(f"{label}resuming {config.out} at step {trainer.step}")
+    console.print(f"{label}training on {trainer.plan.device} in {trainer.plan.used.value}" + (f" ({trainer.plan.reason})" if trainer.plan.reason else ""))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
     with progress:
         task = progress.add_task("training", total=config.steps, completed=trainer.step)
@@ -214,14 +228,8 @@ def train(
     if not finished:
         console.print(f"stopped at step {trainer.step}; run the same command again to resume")
         raise typer.Exit(130)
-    console.print(f"done: {config.steps} steps; checkpoint in {out / 'checkpoint'}")
-    if preset == "demo":
-        from .loading import DEMO_MODEL_DIR
-        from .train.presets import export_demo_model, training_notes
-
-        notes = training_notes(trainer)
-        export_demo_model(out / "checkpoint", splits, DEMO_MODEL_DIR, notes=notes)
-        console.print(f"installed the demo model in {DEMO_MODEL_DIR}; its card: {DEMO_MODEL_DIR / 'README.md'}")
+    console.print(f"{label}done: {config.steps} steps; checkpoint in {Path(config.out) / 'checkpoint'}")
+    return trainer
 
 
 @app.command("eval")

@@ -11,7 +11,9 @@ conv(up(x) + f) = conv(up(x)) + conv(f):
   resolution, one per output phase: 16 multiply-adds per pixel and channel pair instead of 36.
 
 At full size the 288x288 step dominates the pixel decoder; per prompt it gets ~2.7x faster.
-The results equal the original's up to float rounding (tests compare the two).
+The results equal the original's up to float rounding (tests compare the two). Training uses the
+same split with gradients (`training_skips`): skip convolutions once per image of the batch,
+phase kernels recomputed from the current weights at every step.
 """
 
 from __future__ import annotations
@@ -89,6 +91,15 @@ class PixelDecoderSkips:
         with torch.inference_mode():
             return tuple(conv(f) for conv, f in zip(self.decoder.conv_layers, levels))
 
+    def training_skips(self, backbone_features: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """`image_skips` with gradients, for a batch of images whose prompt rows come from
+        image `rows[r]`: each image's skip convolutions run once, then are shared by its rows."""
+        levels = list(reversed(backbone_features[:-1]))
+        sizes = [tuple(backbone_features[-1].shape[-2:])] + [tuple(f.shape[-2:]) for f in levels]
+        if any(fine != (2 * coarse[0], 2 * coarse[1]) for coarse, fine in zip(sizes, sizes[1:])):
+            return None
+        return tuple(conv(f)[rows] for conv, f in zip(self.decoder.conv_layers, levels))
+
     @contextlib.contextmanager
     def using(self, skips: tuple[torch.Tensor, ...] | None) -> Iterator[None]:
         self._skips = skips
@@ -101,7 +112,10 @@ class PixelDecoderSkips:
         if self._skips is None:
             return self._original(backbone_features)
         x = backbone_features[-1]
+        # While training the weights change every step: kernels from the live weights, with gradients.
+        training = self.decoder.training and torch.is_grad_enabled()
+        kernels = [phase_kernels(c.weight) for c in self.decoder.conv_layers] if training else self._kernels
         for index, skip in enumerate(self._skips):
-            x = upsampled_conv(x, self._kernels[index]) + skip
+            x = upsampled_conv(x, kernels[index]) + skip
             x = F.relu(self.decoder.norms[index](x))
         return x

@@ -161,3 +161,32 @@ def test_half_the_negatives_share_a_word_with_a_present_name():
         assert len(picked) == 4 == len(set(picked)) and not set(picked) & set(present)
         assert sum(bool({"blue", "star"} & set(n.split())) for n in picked) >= 2
     assert _negatives([], present, 4, np.random.default_rng(0)) == []
+
+
+def test_split_pixel_decoder_trains_exactly_as_the_plain_one(shapes, tiny_checkpoint, tmp_path, monkeypatch):
+    """The per-image skip convolutions and phase kernels give the plain decoder's masks and
+    gradients. (A fixed random weighting of the masks stands in for the set criterion, whose
+    Hungarian matching can flip on near-ties of a random model's float rounding.)"""
+    from sam3studio.speedups import PixelDecoderSkips
+    from sam3studio.train.loop import forward_batch
+
+    config = _config(shapes, tiny_checkpoint, tmp_path)
+    trainer = Trainer(config, *load_for_training(config))
+    trainer.model.train()
+
+    def masks_and_gradients():
+        trainer.model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout in both runs
+        predictions, _ = forward_batch(trainer.model, trainer.processor.tokenizer, trainer.batch(0), trainer.plan)
+        weighting = torch.randn(predictions.masks.shape, generator=torch.Generator().manual_seed(1))
+        (predictions.masks * weighting).sum().backward()
+        return predictions.masks.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    split_masks, split_grads = masks_and_gradients()
+    monkeypatch.setattr(PixelDecoderSkips, "training_skips", lambda self, features, rows: None)
+    plain_masks, plain_grads = masks_and_gradients()
+    assert torch.allclose(split_masks, plain_masks, atol=1e-4)
+    assert split_grads.keys() == plain_grads.keys() and any("pixel_decoder.conv_layers" in n for n in split_grads)
+    largest = max(g.norm() for g in plain_grads.values())
+    for name, plain in plain_grads.items():  # (gradients that are zero in exact arithmetic are rounding noise)
+        assert (split_grads[name] - plain).norm() <= 1e-3 * plain.norm() + 1e-6 * largest, name

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..precision import Precision, PrecisionPlan, keep_sensitive_modules_fp32, resolve
+from ..speedups import PixelDecoderSkips
 from .criterion import LossWeights, Predictions, category_loss, set_criterion
 from .data import CocoSegmentationData, TrainingSample
 
@@ -131,6 +132,7 @@ def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: Precisi
     image_index = torch.tensor([i for i, _ in rows], device=device)
     tokens = tokenizer([p.text for _, p in rows], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     capture = LayerCapture(model)
+    decoder = PixelDecoderSkips.install(model)
     try:
         with plan.autocast():
             vision = model.get_vision_features(pixel_values=pixels)
@@ -138,7 +140,10 @@ def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: Precisi
                 fpn_hidden_states=tuple(t[image_index] for t in vision.fpn_hidden_states),
                 fpn_position_encoding=tuple(t[image_index] for t in vision.fpn_position_encoding),
             )
-            output = model(vision_embeds=per_row, input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
+            # The pixel decoder's image-only work once per image, not once per prompt row.
+            skips = decoder.training_skips(vision.fpn_hidden_states[:-1], image_index)
+            with decoder.using(skips):
+                output = model(vision_embeds=per_row, input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
         predictions = capture.predictions(output)
         predictions.pixel_features = vision.fpn_hidden_states[0]
         return predictions, [p for _, p in rows]
@@ -216,7 +221,8 @@ class Trainer:
 
     def _category_head(self) -> CategoryHead | None:
         """The head of the dense category loss (None when that loss is off). It is saved with
-        the trainer's checkpoint, not with the model."""
+        the trainer's checkpoint, not with the model, and a run that starts from such a
+        checkpoint starts from its head too."""
         if self.config.weights.category <= 0:
             return None
         names = [self.data.categories[cid]["name"] for cid in sorted(self.data.category_number)]  # number order
@@ -224,7 +230,13 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         vision_width = self.model.config.vision_config.fpn_hidden_size
         text_width = self.model.config.detr_encoder_config.hidden_size
-        return CategoryHead(vision_width, text_width).to(self.config.device)
+        head = CategoryHead(vision_width, text_width)
+        trained_with = Path(self.config.model or "") / CATEGORY_HEAD_FILE
+        if self.config.model and trained_with.is_file():  # fine-tuning one of our checkpoints: its head goes on
+            from safetensors.torch import load_file
+
+            head.load_state_dict(load_file(trained_with))
+        return head.to(self.config.device)
 
     def _category_loss(self, pixel_features: torch.Tensor, samples: list[TrainingSample]) -> torch.Tensor:
         tokens = {k: v.to(self.plan.device) for k, v in self.category_tokens.items()}
