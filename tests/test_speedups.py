@@ -1,4 +1,6 @@
-"""The per-image pixel-decoder split gives the plain path's answers, on the tiny model."""
+"""The per-image work done once (pixel-decoder split, first self-attention) gives the plain path's answers, on the tiny model."""
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sam3studio import load_segmenter
-from sam3studio.speedups import PixelDecoderSkips, phase_kernels, upsampled_conv
+from sam3studio.speedups import FirstSelfAttentionMemo, PixelDecoderSkips, phase_kernels, upsampled_conv
 
 
 @pytest.mark.parametrize("height, width", [(6, 6), (5, 9)])
@@ -38,3 +40,20 @@ def test_outside_the_segmenter_the_decoder_runs_as_before(tiny_checkpoint):
         before = decoder.forward.__self__._original(features)
         assert torch.equal(decoder(features), before)
     assert PixelDecoderSkips.install(seg.model) is seg._pixel_decoder  # installed once per model
+
+
+def test_first_self_attention_is_computed_once_per_image_and_changes_nothing(tiny_checkpoint, scene, monkeypatch):
+    seg = load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu")
+    memo = FirstSelfAttentionMemo.install(seg.model)
+    rows_computed = []
+    original = memo._original
+    monkeypatch.setattr(memo, "_original", lambda **kw: rows_computed.append(kw["query"].shape[0]) or original(**kw))
+    fast = seg.predict(scene, "red thing, blue thing, thing")
+    seg.predict(scene, "green thing")  # a later call on the same image reuses it
+    assert rows_computed == [1]
+    assert seg.encode_image(scene).first_self_attention["output"].shape[0] == 1
+
+    monkeypatch.setattr(FirstSelfAttentionMemo, "using", lambda self, slot: contextlib.nullcontext())
+    plain = load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu").predict(scene, "red thing, blue thing, thing")
+    np.testing.assert_allclose(fast.mask_logits, plain.mask_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from .precision import (
     resolve,
 )
 from .prompts import PromptsInput, Sam3Warning, attach_boxes, parse_prompts
-from .speedups import PixelDecoderSkips
+from .speedups import FirstSelfAttentionMemo, PixelDecoderSkips
 from .types import Prompt, RawPrediction, Result
 
 MAX_TEXT_TOKENS = 32  # SAM3's text encoder has 32 positions, start and end tokens included
@@ -89,6 +89,7 @@ class EncodedImage:
     fpn_hidden_states: tuple[torch.Tensor, ...]
     fpn_position_encoding: tuple[torch.Tensor, ...]
     decoder_skips: tuple[torch.Tensor, ...] | None = None  # see speedups.PixelDecoderSkips
+    first_self_attention: dict = field(default_factory=dict)  # see speedups.FirstSelfAttentionMemo
 
     def expanded(self, batch: int):
         """The encoding repeated for `batch` prompts, as views: no copy of the features."""
@@ -127,6 +128,7 @@ class Segmenter:
         if self.quantized:
             quantize_int8(self.model)
         self._pixel_decoder = PixelDecoderSkips.install(self.model)
+        self._first_self_attention = FirstSelfAttentionMemo.install(self.model)
 
     @property
     def model_name(self) -> str:
@@ -307,7 +309,12 @@ class Segmenter:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         input_boxes, input_labels = self._box_tensors(prompts, encoded.image_size)
-        with torch.inference_mode(), plan.autocast(), self._pixel_decoder.using(encoded.decoder_skips):
+        with (
+            torch.inference_mode(),
+            plan.autocast(),
+            self._pixel_decoder.using(encoded.decoder_skips),
+            self._first_self_attention.using(encoded.first_self_attention),
+        ):
             out = self.model(
                 vision_embeds=encoded.expanded(len(prompts)),
                 text_embeds=BaseModelOutputWithPooling(pooler_output=text_embeds),

@@ -119,3 +119,40 @@ class PixelDecoderSkips:
             x = upsampled_conv(x, kernels[index]) + skip
             x = F.relu(self.decoder.norms[index](x))
         return x
+
+
+class FirstSelfAttentionMemo:
+    """The DETR encoder's first layer starts with self-attention over the image tokens, before
+    any cross-attention to the prompt: its output depends on the image alone. At full size it
+    is attention over 5,184 tokens, one of the six such in every prompt's pass. It is computed
+    once per image (for one row of the first pass), kept with the image's encoding and reused
+    by every later prompt. Outside `using(...)` the layer runs as before."""
+
+    def __init__(self, attention: nn.Module):
+        self._original = attention.forward
+        self._slot: dict | None = None
+        attention.forward = self._forward
+
+    @classmethod
+    def install(cls, model: nn.Module) -> FirstSelfAttentionMemo:
+        attention = model.detr_encoder.layers[0].self_attn
+        if not isinstance(getattr(attention, "_sam3studio_memo", None), cls):
+            attention._sam3studio_memo = cls(attention)
+        return attention._sam3studio_memo
+
+    @contextlib.contextmanager
+    def using(self, slot: dict) -> Iterator[None]:
+        """Within: every row is the same image, and `slot` holds (or receives) its output."""
+        self._slot = slot
+        try:
+            yield
+        finally:
+            self._slot = None
+
+    def _forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs):
+        if self._slot is None:
+            return self._original(query=query, key=key, value=value, **kwargs)
+        if "output" not in self._slot:
+            self._slot["output"] = self._original(query=query[:1], key=key[:1], value=value[:1], **kwargs)[0]
+        output = self._slot["output"]
+        return output.expand(query.shape[0], *output.shape[1:]), None
