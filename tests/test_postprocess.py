@@ -88,6 +88,16 @@ def test_nms_keeps_the_best_label_across_prompts():
     assert [i.label for i in result.instances] == ["kitten"]
 
 
+def test_one_prompt_gives_one_mask_per_object():
+    """Near-copies of a mask from other queries of the same prompt are dropped, the best kept;
+    a distinct object of that prompt, and the same mask under another prompt, stay."""
+    copy = _square(box=(10, 5, 29, 25))  # IoU 0.95 with _square()
+    other = _square(box=(40, 20, 60, 40))
+    raw = _raw([[0.6, 0.8, 0.7], [0.9, 0.1, 0.1]], [[_square(), copy, other], [_square(), other, other]], prompts=("a", "b"))
+    kept = [(i.label, round(i.score, 2)) for i in select(raw, threshold=0.5).instances]
+    assert kept == [("a", 0.8), ("a", 0.7), ("b", 0.9)]
+
+
 def test_suppress_duplicates_keeps_distinct_objects():
     a, b = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
     a[:5], b[5:] = True, True

@@ -1,5 +1,12 @@
-"""From raw model outputs to the instances a user sees: score threshold, mask threshold,
-refinement, cross-prompt NMS. Runs on cached `RawPrediction`s only, never on the model.
+"""From raw model outputs to the instances a user sees: score threshold, one mask per object,
+mask threshold, refinement, cross-prompt NMS. Runs on cached `RawPrediction`s only, never on
+the model.
+
+One mask per object: the objects one prompt finds are distinct and their visible parts do not
+overlap, so two of a prompt's masks that overlap by IoU >= SAME_OBJECT_IOU describe one object,
+and only the better-scoring one is kept. A fully trained SAM3 rarely produces such pairs (its
+training matches each object to one query); a less trained model, such as the small demo model,
+gives near-copies of its best mask several queries each, at scores just below it.
 
 Refinement levels (each includes the ones before it):
   0  raw: the model's mask logits, upsampled and thresholded; nothing else.
@@ -25,6 +32,7 @@ from .types import Instance, RawPrediction, Result
 REFINE_LEVELS = {0: "raw", 1: "clean", 2: "smooth", 3: "solid"}
 _MIN_SPECK_PX = 16
 _UPSAMPLE_CHUNK = 16  # masks upsampled at once: 16 x 12 MP float32 is 770 MB at most
+SAME_OBJECT_IOU = 0.5
 
 
 class OptionError(ValueError):
@@ -51,7 +59,8 @@ def select(
     refine: int = 0,
     nms_iou: float | None = None,
 ) -> Result:
-    """Keep queries scoring at least `threshold` (or their prompt's own threshold), binarise
+    """Keep queries scoring at least `threshold` (or their prompt's own threshold) and, of a
+    prompt's masks that describe one object, the best (see the module's docstring); binarise
     their masks at `mask_threshold`, refine them, and optionally suppress duplicates: an
     instance whose mask overlaps a better-scoring one by IoU >= `nms_iou` is dropped, whatever
     prompt found it. Instances with empty masks are dropped.
@@ -64,6 +73,7 @@ def select(
         cut = threshold if prompt.threshold is None else prompt.threshold
         kept = np.flatnonzero(raw.scores[index] >= cut)
         kept = kept[np.argsort(-raw.scores[index][kept], kind="stable")]
+        kept = kept[one_per_object(raw.mask_logits[index][kept] > logit_cut)]
         if kept.size == 0:
             continue
         for start in range(0, kept.size, _UPSAMPLE_CHUNK):  # bounded memory at any threshold
@@ -85,6 +95,24 @@ def select(
         fallback_fp32=raw.fallback_fp32,
         timings_ms=raw.timings_ms | {"postprocess": (time.perf_counter() - started) * 1000},
     )
+
+
+def one_per_object(masks: np.ndarray) -> np.ndarray:
+    """Indices (in order) of masks (K, h, w), best first, that overlap no earlier kept mask by
+    IoU >= SAME_OBJECT_IOU. Computed at the model's mask resolution, before upsampling: a
+    (K, h*w) matrix product, about a millisecond at full size."""
+    if len(masks) < 2:
+        return np.arange(len(masks))
+    flat = masks.reshape(len(masks), -1).astype(np.float32)
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    union = area[:, None] + area[None] - inter
+    same = (inter >= SAME_OBJECT_IOU * union) & (union > 0)
+    kept: list[int] = []
+    for i in range(len(masks)):
+        if not same[i, kept].any():
+            kept.append(i)
+    return np.array(kept, dtype=np.int64)
 
 
 def upsample_masks(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
