@@ -288,10 +288,18 @@ class Segmenter:
         kinds = ([i for i, p in enumerate(prompts) if not p.boxes], [i for i, p in enumerate(prompts) if p.boxes])
         size = self._prompts_per_pass(encoded)
         groups = [kind[start : start + size] for kind in kinds for start in range(0, len(kind), size)]
-        parts = [self._detect(encoded, text_embeds[g], text_mask[g], [prompts[i] for i in g], plan) for g in groups]
-        order = torch.tensor([i for g in groups for i in g]).argsort()
+        # Each pass's outputs go straight to their prompts' rows: at full size the mask logits are
+        # 66 MB per prompt, and gathering the passes with cat and reorder held them three times.
+        outputs: list[torch.Tensor] = []
+        for group in groups:
+            part = self._detect(encoded, text_embeds[group], text_mask[group], [prompts[i] for i in group], plan)
+            if not outputs:
+                outputs = [t.new_empty((len(prompts), *t.shape[1:])) for t in part]
+            for whole, piece in zip(outputs, part):
+                whole[group] = piece
+            del part
         timings["detect"] = (time.perf_counter() - start) * 1000
-        return tuple(torch.cat(tensors)[order] for tensors in zip(*parts))
+        return tuple(outputs)
 
     def _prompts_per_pass(self, encoded: EncodedImage) -> int:
         """How many prompts one pass takes: as many as keep the pass's largest activations (the
