@@ -28,3 +28,4 @@ def test_export_installs_a_loadable_model_with_threshold_scores_and_card(tiny_ch
     assert load_model(tmp_path / "demo").score_threshold == threshold
     card = (tmp_path / "demo" / "README.md").read_text()
     assert "| fp32 |" in card and "| bf16 |" in card and "- steps: 6" in card
+    assert "| fp32, color + shape prompts |" in card and "| fp32, shape-only prompts |" in card
