@@ -68,10 +68,23 @@ def test_blue_star_finds_the_blue_star_and_not_the_red_one(demo):
     assert (found & masks["red star"]).sum() == 0
 
 
-def test_a_shape_prompt_finds_every_star_and_an_absent_one_finds_nothing(demo):
+def test_an_absent_object_finds_nothing(demo):
+    image, _ = _drawn_scene()
+    assert demo.segment(image, "purple square").instances == []
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped demo model still answers 44% of absent prompts on its test split (see its card); "
+                   "strict, so it fails once the model does not")
+def test_an_absent_name_sharing_words_with_present_objects_finds_nothing(demo):
+    image, _ = _drawn_scene()
+    assert demo.segment(image, "blue circle").instances == []  # a blue star and a green circle are present
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped demo model does not know shapes without a color yet: shape-only prompts "
+                   "score recall@0.5 0.13 on its test split (see its card); strict, so it fails once the model does")
+def test_a_shape_prompt_finds_every_star(demo):
     image, masks = _drawn_scene()
     stars = demo.segment(image, "star").instances
     assert len(stars) == 2
     best = sorted(max(_iou(i.mask, masks[name]) for i in stars) for name in ("blue star", "red star"))
     assert best[0] > 0.8
-    assert demo.segment(image, "purple square").instances == []
