@@ -10,10 +10,6 @@ import numpy as np
 import pytest
 
 from sam3studio import load_segmenter
-from sam3studio.loading import DEMO_MODEL_DIR
-
-if not (DEMO_MODEL_DIR / "config.json").is_file():
-    pytest.skip("the demo model is not shipped yet: its training is unfinished (issue 4)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
