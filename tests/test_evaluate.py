@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from sam3studio.evaluate import EvalCase, best_queries, calibrate_threshold, collect, score
 from sam3studio.types import Prompt, RawPrediction
@@ -16,11 +17,12 @@ def _mask(box, size=(20, 20)):
 
 
 def _case():
-    """Prompt "a": two objects, found once exactly and once as a duplicate; prompt "b": absent
-    (negative) but the model answers with a score of 0.4."""
+    """Prompt "a": two objects; the first found twice, by its top 70% and its bottom 70% (IoU 0.7
+    with it, 0.4 with each other: too little to be dropped as one mask), the second exactly but
+    at a low score; prompt "b": absent (negative) but the model answers with a score of 0.4."""
     scores = np.array([[0.9, 0.8, 0.2], [0.4, 0.1, 0.1]], np.float32)
     masks = np.stack([
-        [_logits((0, 0, 10, 10)), _logits((0, 0, 10, 9)), _logits((12, 12, 20, 20))],
+        [_logits((0, 0, 10, 7)), _logits((0, 3, 10, 10)), _logits((12, 12, 20, 20))],
         [_logits((5, 5, 15, 15)), _logits((0, 0, 1, 1)), _logits((0, 0, 1, 1))],
     ])
     raw = RawPrediction((20, 20), [Prompt("a"), Prompt("b")], scores, np.zeros((2, 3, 4), np.float32), masks, "t", "fp32", "fp32")
@@ -30,13 +32,13 @@ def _case():
 
 def test_scores_known_answers():
     report = score([_case()], threshold=0.5)
-    # object 1 matched with IoU 1.0, object 2 missed (its query scores 0.2) -> mIoU 0.5
-    assert report.miou == 0.5 and report.recall_at_50 == 0.5
+    # object 1 matched with IoU 0.7, object 2 missed (its query scores 0.2) -> mIoU 0.35
+    assert report.miou == pytest.approx(0.35) and report.recall_at_50 == 0.5
     assert report.precision_at_50 == 0.5  # two predictions, one true
-    assert report.duplicates == 1  # the 10x9 copy of object 1
+    assert report.duplicates == 1  # the second find of object 1
     assert report.negative_fp_rate == 0.0  # "b" scored 0.4 < 0.5
     low = score([_case()], threshold=0.15)
-    assert low.miou == 1.0 and low.recall_at_50 == 1.0 and low.negative_fp_rate == 1.0
+    assert low.miou == pytest.approx(0.85) and low.recall_at_50 == 1.0 and low.negative_fp_rate == 1.0
 
 
 def test_calibration_trades_recall_against_false_positives():

@@ -13,7 +13,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.mark.browser
-def test_upload_prompt_segment_and_click_a_region(live_server, scene, tmp_path):
+def test_upload_prompt_segment_and_click_a_region(live_server, segmenter, scene, tmp_path):
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
@@ -34,8 +34,12 @@ def test_upload_prompt_segment_and_click_a_region(live_server, scene, tmp_path):
         page.wait_for_function("document.querySelector('#clicked').innerText.includes('found')")
         assert "used **fp32**".replace("**", "") in page.inner_text("#status")
 
+        # A pixel inside the first instance the server found (the same model, run here directly).
+        first = segmenter.segment(str(image_path), "red square, blue square", threshold=0.0).instances[0].mask
+        ys, xs = np.nonzero(first)
+        y, x = int(np.median(ys)), int(xs[np.abs(ys - np.median(ys)).argmin()])
         base = page.locator("#result img.base-image").bounding_box()
-        page.mouse.click(base["x"] + base["width"] * 0.3, base["y"] + base["height"] * 0.3)  # inside the red square
+        page.mouse.click(base["x"] + base["width"] * (x + 0.5) / first.shape[1], base["y"] + base["height"] * (y + 0.5) / first.shape[0])
         page.wait_for_function("/score \\d\\.\\d\\d/.test(document.querySelector('#clicked').innerText)", timeout=30_000)
         described = page.inner_text("#clicked")
         assert "square" in described and "score" in described
