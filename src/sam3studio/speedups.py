@@ -84,21 +84,21 @@ class PixelDecoderSkips:
         """conv_i(f_i) + bias for each upsampling step, from one image's backbone features
         (batch 1, finest first, as `Sam3Model` passes them). None when the levels are not
         exact 2x steps (then the plain path runs)."""
-        levels = list(reversed(backbone_features[:-1]))  # coarse to fine, the decoder's order
-        sizes = [tuple(backbone_features[-1].shape[-2:])] + [tuple(f.shape[-2:]) for f in levels]
-        if any(fine != (2 * coarse[0], 2 * coarse[1]) for coarse, fine in zip(sizes, sizes[1:])):
-            return None
         with torch.inference_mode():
-            return tuple(conv(f) for conv, f in zip(self.decoder.conv_layers, levels))
+            return self._skip_convolutions(backbone_features)
 
     def training_skips(self, backbone_features: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """`image_skips` with gradients, for a batch of images whose prompt rows come from
         image `rows[r]`: each image's skip convolutions run once, then are shared by its rows."""
-        levels = list(reversed(backbone_features[:-1]))
+        skips = self._skip_convolutions(backbone_features)
+        return None if skips is None else tuple(skip[rows] for skip in skips)
+
+    def _skip_convolutions(self, backbone_features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        levels = list(reversed(backbone_features[:-1]))  # coarse to fine, the decoder's order
         sizes = [tuple(backbone_features[-1].shape[-2:])] + [tuple(f.shape[-2:]) for f in levels]
         if any(fine != (2 * coarse[0], 2 * coarse[1]) for coarse, fine in zip(sizes, sizes[1:])):
             return None
-        return tuple(conv(f)[rows] for conv, f in zip(self.decoder.conv_layers, levels))
+        return tuple(conv(f) for conv, f in zip(self.decoder.conv_layers, levels))
 
     @contextlib.contextmanager
     def using(self, skips: tuple[torch.Tensor, ...] | None) -> Iterator[None]:
