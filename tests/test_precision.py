@@ -84,6 +84,13 @@ def test_weights_dtype(cpu_with):
         resolve("bf16", weights_dtype="fp16")
     fp16 = resolve("fp16", weights_dtype="fp16")  # fp16 runs as bf16 here, and so do its weights
     assert fp16.weights_dtype is torch.bfloat16 and "weights stored as bf16" in fp16.reason
+    # auto stores weights in the dtype it runs; explicit modes keep fp32 weights unless asked.
+    assert resolve("auto").weights_dtype is torch.bfloat16
+    assert resolve("auto", weights_dtype="fp32").weights_dtype is torch.float32
+    assert resolve("bf16").weights_dtype is torch.float32
+    assert resolve("auto", "cuda").weights_dtype is torch.float16
+    cpu_with(native=True, faster=False)
+    assert resolve("auto").weights_dtype is torch.float32
     cpu_with(native=False)
     fallback = resolve("bf16", weights_dtype="bf16")
     assert fallback.weights_dtype is torch.float32 and "weights stay fp32" in fallback.reason
@@ -102,14 +109,28 @@ def test_half_weights_leave_fp32_modules_bit_exact(tiny_checkpoint):
     from sam3studio.loading import load_model
 
     model = load_model(str(tiny_checkpoint)).model
-    before = {n: t.clone() for n, t in model.named_buffers() if "rotary" in n or "box_head" in n}
+    before = {n: t.clone() for n, t in model.named_buffers()}  # RoPE frequencies and positions among them
     before |= {n: t.clone() for n, t in model.named_parameters() if "box_head" in n}
-    assert before, "the tiny model has rotary buffers and a box head"
+    assert any("rotary" in n for n in before) and any("position_ids" in n for n in before) and any("box_head" in n for n in before)
     P.cast_weights(model, torch.bfloat16)
     after = dict(model.named_buffers()) | dict(model.named_parameters())
     for name, value in before.items():
         assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
     assert model.text_projection.weight.dtype is torch.bfloat16
+
+
+def test_loading_straight_into_half_weights_matches_casting_after_loading(tiny_checkpoint):
+    from sam3studio.loading import load_model
+
+    cast = load_model(str(tiny_checkpoint)).model
+    P.cast_weights(cast, torch.bfloat16)
+    direct = load_model(str(tiny_checkpoint), weights_dtype=torch.bfloat16).model
+    expected = dict(cast.named_parameters()) | dict(cast.named_buffers())
+    loaded = dict(direct.named_parameters()) | dict(direct.named_buffers())
+    assert expected.keys() == loaded.keys()
+    for name, value in expected.items():
+        assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
+    assert direct.detr_decoder.box_head.layer1.weight.dtype is torch.float32
 
 
 def test_int8_resolves_on_cpu_and_becomes_fp16_on_cuda():

@@ -86,8 +86,13 @@ def test_half_weights_keep_sensitive_modules_fp32(tiny_checkpoint, segmenter, sc
     assert seg.model.detr_decoder.box_head.layer1.weight.dtype is torch.float32
     low, ref = seg.predict(scene, "red square"), segmenter.predict(scene, "red square")
     assert ((ref.mask_logits > 0) == (low.mask_logits > 0)).mean() > 0.95
-    with pytest.raises(Exception, match="weights"):
-        seg.segment(scene, "red square", precision="fp32")
+    # fp32 asked for per call runs the bf16 weights upcast, and leaves them bf16 afterwards.
+    upcast = seg.predict(scene, "red square", precision="fp32")
+    assert upcast.precision_used == "fp32" and np.abs(upcast.scores - ref.scores).max() < 0.03
+    assert np.abs(upcast.scores - low.scores).max() > 0, "the fp32 pass ran without autocast"
+    assert seg.model.vision_encoder.backbone.layers[0].mlp.fc1.weight.dtype is torch.bfloat16
+    assert seg.encode_image(scene, precision="fp32").fpn_hidden_states[0].dtype is torch.float32
+    assert seg.model.vision_encoder.backbone.layers[0].mlp.fc1.weight.dtype is torch.bfloat16
 
 
 def test_non_finite_half_precision_falls_back_to_fp32(tiny_checkpoint, scene):

@@ -50,7 +50,7 @@ def segment(
     nms: Annotated[Optional[float], typer.Option(help="Drop an object overlapping a better-scoring one by this IoU or more (same object found by two prompts).")] = None,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP, envvar="SAM3_PRECISION")] = "auto",
     force_precision: Annotated[bool, typer.Option("--force-precision", help="Run the precision asked for even where it is slow.")] = False,
-    weights_dtype: Annotated[str, typer.Option(help="fp32, or bf16/fp16 to store weights in half precision (half the memory; needs that precision).")] = "fp32",
+    weights_dtype: Annotated[str, typer.Option(help="auto: half precision when --precision auto runs bf16/fp16, else fp32; fp32; or bf16/fp16 (half the memory; needs that precision).")] = "auto",
     box: Annotated[Optional[list[str]], typer.Option(help="Exemplar box 'x0,y0,x1,y1' in pixels (repeatable): find objects like it.")] = None,
     negative_box: Annotated[Optional[list[str]], typer.Option(help="Box 'x0,y0,x1,y1' of something NOT to match (repeatable).")] = None,
     output_format: Annotated[str, typer.Option("--format", help="Comma-separated: json (COCO RLE), png (masks + overlay), polygons, coco (one dataset file).")] = "json",

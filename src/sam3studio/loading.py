@@ -4,6 +4,7 @@ them safely: safetensors only, every weight accounted for, errors that say what 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -114,16 +115,21 @@ def load_model(
     offline: bool | None = None,
     revision: str | None = None,
     token: str | None = None,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    """Load `Sam3Model` and `Sam3Processor` from a hub id, a local folder or "demo"."""
+    """Load `Sam3Model` and `Sam3Processor` from a hub id, a local folder or "demo".
+
+    weights_dtype bf16/fp16 reads the weights straight into that dtype, so that an fp32 copy of a
+    3.4 GB model never exists, except the numerically sensitive modules (`precision.FP32_MODULE_NAMES`),
+    which are read in fp32."""
     from safetensors import SafetensorError
-    from transformers import Sam3Model, Sam3Processor
+    from transformers import Sam3Processor
 
     folder, hub_revision = resolve_model_folder(name, offline=offline, revision=revision, token=token)
     _require_safetensors(folder)
     try:
-        model, info = Sam3Model.from_pretrained(
-            folder, use_safetensors=True, local_files_only=True, output_loading_info=True
+        model, info = _model_class(weights_dtype).from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, output_loading_info=True, dtype=weights_dtype
         )
         processor = Sam3Processor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: shape mismatch
@@ -135,6 +141,19 @@ def load_model(
             "it is not a complete SAM3 model."
         )
     return LoadedModel(model.to(device).eval(), processor, str(name), folder, hub_revision, _score_threshold(folder))
+
+
+@functools.cache
+def _model_class(weights_dtype: torch.dtype) -> type:
+    """`Sam3Model`, or for half weights a subclass that tells transformers which modules to
+    read in fp32 (its `_keep_in_fp32_modules_strict`); the weights and config are unchanged."""
+    from transformers import Sam3Model
+
+    from .precision import FP32_MODULE_NAMES
+
+    if weights_dtype == torch.float32:
+        return Sam3Model
+    return type("Sam3ModelHalfWeights", (Sam3Model,), {"_keep_in_fp32_modules_strict": list(FP32_MODULE_NAMES)})
 
 
 def _score_threshold(folder: Path) -> float:

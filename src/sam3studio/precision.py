@@ -191,8 +191,16 @@ def _resolve_cpu(requested: Precision, force: bool) -> tuple[Precision, str]:
 
 def _resolve_weights_dtype(weights_dtype: str | None, requested: Precision, used: Precision) -> tuple[torch.dtype, str]:
     """Half weights only run inside an autocast of the same dtype, so they follow the precision
-    actually used: fp32 weights when it fell back to fp32, bf16 weights when fp16 became bf16."""
-    if weights_dtype is None or Precision.parse(weights_dtype) in (Precision.FP32, Precision.AUTO):
+    actually used: fp32 weights when it fell back to fp32, bf16 weights when fp16 became bf16.
+
+    Left to itself (None or "auto"), `auto` precision stores weights in the half dtype it runs:
+    autocast rounds every matmul and convolution weight to that dtype anyway, and the weights,
+    most of the memory, take half of it. Explicit modes keep fp32 weights, so that they can be
+    switched per call."""
+    if weights_dtype is None or Precision.parse(weights_dtype) is Precision.AUTO:
+        half = requested is Precision.AUTO and used in (Precision.BF16, Precision.FP16)
+        return (DTYPES[used] if half else torch.float32), ""
+    if Precision.parse(weights_dtype) is Precision.FP32:
         return torch.float32, ""
     wanted = Precision.parse(weights_dtype)
     if Precision.INT8 in (wanted, used):
@@ -249,12 +257,15 @@ def keep_sensitive_modules_fp32(model: nn.Module) -> int:
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store weights in `dtype`, except the fp32-kept modules, which are never touched (a round
-    trip through bf16 would round their fp32 values, RoPE frequencies among them)."""
-    kept = {id(m) for top in fp32_modules(model) for m in top.modules()}
-    for module in model.modules():
-        if id(module) not in kept:
-            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+    """Store parameters in `dtype`, except the fp32-kept modules', which are never touched (a
+    round trip through bf16 would round their fp32 values). Buffers stay as they are: they are
+    computed constants, and the ViT's RoPE positions (multiples of 1/3 up to 72 at full size)
+    would be rounded in bf16. The same split as loading straight into half precision."""
+    kept = {id(p) for top in fp32_modules(model) for p in top.parameters()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if id(parameter) not in kept and parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
 
 
 def quantize_int8(model: nn.Module) -> int:

@@ -9,12 +9,13 @@ batched forward pass of the detector against the cached encoding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -140,7 +141,8 @@ class Segmenter:
         return self.loaded.score_threshold
 
     def plan_for(self, precision: str | Precision | None) -> PrecisionPlan:
-        """The plan for a per-call precision; weights stay in the dtype they were loaded in."""
+        """The plan for a per-call precision. Weights stay in the dtype they were loaded in; fp32
+        on half weights runs them upcast for the call (see `_weights_for`)."""
         if precision is None:
             return self.default_plan
         key = Precision.parse(precision).value
@@ -151,7 +153,7 @@ class Segmenter:
                     f"This model was loaded for {self.default_plan.describe()}; int8 and the float modes need different weights, "
                     f"so load it again with --precision {plan.used.value} to run {plan.used.value}."
                 )
-            if self.weights_dtype != torch.float32 and plan.autocast_dtype != self.weights_dtype:
+            if self.weights_dtype != torch.float32 and plan.autocast_dtype not in (self.weights_dtype, None):
                 raise PrecisionError(
                     f"This model was loaded with {self.default_plan.describe()} weights, which cannot run {plan.used.value}; "
                     "load it again with --weights-dtype fp32 to switch precision per request."
@@ -228,13 +230,16 @@ class Segmenter:
         """Vision features of an image, computed once per (content, precision, input size)."""
         picture = HashedImage.of(load_image(image))
         with self._lock:
-            return self._encode(picture, self.plan_for(precision))
+            plan = self.plan_for(precision)
+            with self._weights_for(plan):
+                return self._encode(picture, plan)
 
     # --- the model passes ------------------------------------------------------------------
 
     def _run(self, picture: HashedImage, prompts: list[Prompt], plan: PrecisionPlan) -> RawPrediction:
         timings: dict[str, float] = {}
-        outputs = self._forward(picture, prompts, plan, timings)
+        with self._weights_for(plan):
+            outputs = self._forward(picture, prompts, plan, timings)
         fallback = False
         # Only half precision can overflow; int8 layers compute and return fp32.
         if plan.autocast_dtype is not None and not all_finite(*outputs):
@@ -262,12 +267,20 @@ class Segmenter:
 
     def _forward_fp32(self, picture: HashedImage, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
         fp32 = PrecisionPlan(plan.requested, Precision.FP32, plan.device)
-        if self.weights_dtype == torch.float32:
+        with self._weights_for(fp32):
             return self._forward(picture, prompts, fp32, timings)
-        # bf16/fp16 -> fp32 -> bf16/fp16 is exact, so upcasting for one pass loses nothing.
+
+    @contextlib.contextmanager
+    def _weights_for(self, plan: PrecisionPlan) -> Iterator[None]:
+        """Half weights run only inside their own autocast: an fp32 pass (asked for per call, or
+        the fallback) upcasts them for its duration. bf16/fp16 -> fp32 -> bf16/fp16 is exact, so
+        the pass loses nothing and the weights come back unchanged."""
+        if self.weights_dtype == torch.float32 or plan.autocast_dtype == self.weights_dtype:
+            yield
+            return
         self.model.float()
         try:
-            return self._forward(picture, prompts, fp32, timings)
+            yield
         finally:
             cast_weights(self.model, self.weights_dtype)
 
@@ -407,11 +420,12 @@ def load_segmenter(
     """Load a SAM3 model (hub id, local folder or "demo") and wrap it in a Segmenter.
 
     precision: fp32 | fp16 | bf16 | auto, resolved against the device (see `precision.resolve`).
-    weights_dtype: store weights in bf16/fp16 to halve their memory (needs that autocast).
+    weights_dtype: None (= auto): bf16/fp16 when `auto` runs that, read straight in that dtype;
+    fp32; or bf16/fp16 explicitly, to halve the weights' memory (needs that autocast).
     """
     torch_device = _pick_device(device)
     plan = resolve(precision, torch_device, force=force_precision, weights_dtype=weights_dtype)
-    loaded = load_model(model, device=torch_device, offline=offline, revision=revision, token=token)
+    loaded = load_model(model, device=torch_device, offline=offline, revision=revision, token=token, weights_dtype=plan.weights_dtype)
     return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size)
 
 
