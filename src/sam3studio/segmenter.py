@@ -425,7 +425,9 @@ def load_segmenter(
     """
     torch_device = _pick_device(device)
     plan = resolve(precision, torch_device, force=force_precision, weights_dtype=weights_dtype)
-    loaded = load_model(model, device=torch_device, offline=offline, revision=revision, token=token, weights_dtype=plan.weights_dtype)
+    # int8 reads bf16 and quantizes layer by layer (see `quantize_int8`): no fp32 copy of the model.
+    read_as = torch.bfloat16 if plan.used is Precision.INT8 else plan.weights_dtype
+    loaded = load_model(model, device=torch_device, offline=offline, revision=revision, token=token, weights_dtype=read_as)
     return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size)
 
 
