@@ -163,6 +163,49 @@ def test_half_the_negatives_share_a_word_with_a_present_name():
     assert _negatives([], present, 4, np.random.default_rng(0)) == []
 
 
+def test_coarse_negatives_are_absent_supercategories_and_default_to_none(shapes):
+    data = CocoSegmentationData(shapes)
+    assert data.coarse_names == ["circle", "square", "star", "triangle"]
+    options = dict(input_size=56, mask_size=16, mean=[0.5] * 3, std=[0.5] * 3)
+    for index in range(len(data)):
+        present = set(data.ground_truth(index))
+        absent_shapes = set(data.coarse_names) - present
+        sample = data.sample(index, np.random.default_rng(index), negatives=3, coarse_negatives=1, **options)
+        negatives = [p.text for p in sample.prompts if len(p.boxes) == 0]
+        assert len(negatives) == 3 and not set(negatives) & present
+        assert len(set(negatives) & absent_shapes) >= min(1, len(absent_shapes)), (negatives, present)
+        # coarse_negatives=0 draws what the sampler drew before the option existed
+        plain = data.sample(index, np.random.default_rng(index), negatives=3, **options)
+        before = data.sample(index, np.random.default_rng(index), negatives=3, coarse_negatives=0, **options)
+        assert [p.text for p in plain.prompts] == [p.text for p in before.prompts]
+
+
+def test_supercategory_loss_labels_pixels_by_shape(shapes, tiny_checkpoint, tmp_path):
+    from sam3studio.train.criterion import LossWeights
+
+    weights = LossWeights(category=1.0, supercategory=1.0)
+    model, processor = load_for_training(_config(shapes, tiny_checkpoint, tmp_path, weights=weights))
+    trainer = Trainer(_config(shapes, tiny_checkpoint, tmp_path, weights=weights), model, processor)
+    names, table = trainer.category_levels["supercategory"][0], trainer.category_levels["supercategory"][1]
+    assert names["input_ids"].shape[0] == 4 and table[0] == 0
+    for cid, number in trainer.data.category_number.items():
+        shape = trainer.data.categories[cid]["supercategory"]
+        assert trainer.data.coarse_names[table[number] - 1] == shape
+    losses = trainer.train_step()
+    assert losses["supercategory"] > 0 and losses["category"] > 0
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(shapes, tiny_checkpoint, tmp_path):
+    half = train(_config(shapes, tiny_checkpoint, tmp_path), on_log=_stop_after(3))
+    state_file = tmp_path / CHECKPOINT_DIR / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["coarse_negatives"], state["config"]["weights"]["supercategory"]
+    state_file.write_text(json.dumps(state))
+    assert half.step == 3 and train(_config(shapes, tiny_checkpoint, tmp_path)).step == 6
+    with pytest.raises(ValueError, match="other settings .coarse_negatives."):
+        train(_config(shapes, tiny_checkpoint, tmp_path, coarse_negatives=1))
+
+
 def test_split_pixel_decoder_trains_exactly_as_the_plain_one(shapes, tiny_checkpoint, tmp_path, monkeypatch):
     """The per-image skip convolutions and phase kernels give the plain decoder's masks and
     gradients. (A fixed random weighting of the masks stands in for the set criterion, whose

@@ -27,6 +27,7 @@ class LossWeights:
     semantic: float = 1.0
     aux: float = 1.0  # weight of the class and box losses of the earlier decoder layers
     category: float = 0.0  # dense per-pixel category loss on the vision features (0: off)
+    supercategory: float = 0.0  # the same against supercategory names ("star" for stars of any color)
 
 
 @dataclass

@@ -62,6 +62,8 @@ class CocoSegmentationData:
                 self.by_image[int(ann["image_id"])].append(ann)
         self.image_ids = sorted(self.images)
         self.vocabulary = sorted({name for c in self.categories.values() for name in self._names(c)})
+        # Supercategory names used as prompts ("star" for any colored star), as opposed to categories.
+        self.coarse_names = sorted({n for c in self.categories.values() for n in self._names(c)[1:]})
         self.category_number = {cid: n for n, cid in enumerate(sorted(self.categories), start=1)}
 
     def _validate(self, path: Path) -> None:
@@ -114,8 +116,10 @@ class CocoSegmentationData:
                 groups.setdefault(name, []).append(mask)
         return {name: np.stack(masks) for name, masks in groups.items()}
 
-    def sample(self, index: int, rng: np.random.Generator, *, input_size: int, mask_size: int, mean, std, negatives: int = 2, flip: bool = True) -> TrainingSample:
-        """The image at `index` with one prompt per name present and up to `negatives` absent names."""
+    def sample(self, index: int, rng: np.random.Generator, *, input_size: int, mask_size: int, mean, std, negatives: int = 2,
+               coarse_negatives: int = 0, flip: bool = True) -> TrainingSample:
+        """The image at `index` with one prompt per name present and up to `negatives` absent names,
+        `coarse_negatives` of them absent supercategory names when there are such."""
         info = self.images[self.image_ids[index]]
         image = self._image(index)
         masks = [_decode(a, info["height"], info["width"]) for a in self.by_image[self.image_ids[index]]]
@@ -129,7 +133,9 @@ class CocoSegmentationData:
         for i, ann in enumerate(anns):
             for name in self._names(self.categories[int(ann["category_id"])]):
                 groups.setdefault(name, []).append(i)
-        chosen = _negatives([n for n in self.vocabulary if n not in groups], list(groups), negatives, rng)
+        absent = [n for n in self.vocabulary if n not in groups]
+        coarse = _coarse_negatives([n for n in absent if n in self.coarse_names], min(coarse_negatives, negatives), rng)
+        chosen = coarse + _negatives([n for n in absent if n not in coarse], list(groups), negatives - len(coarse), rng)
         prompts = [_target(name, masks[idx], mask_size) for name, idx in groups.items()]
         prompts += [PromptTarget(name, np.zeros((0, mask_size, mask_size), np.float32), np.zeros((0, 4), np.float32)) for name in chosen]
         numbers = [self.category_number[int(a["category_id"])] for a in anns]
@@ -147,6 +153,16 @@ def _negatives(absent: list[str], present: list[str], count: int, rng: np.random
     rest = [n for n in absent if n not in picked]
     picked += rng.choice(rest, size=min(count - len(picked), len(rest)), replace=False).tolist() if rest else []
     return picked
+
+
+def _coarse_negatives(absent_coarse: list[str], count: int, rng: np.random.Generator) -> list[str]:
+    """Up to `count` absent supercategory names. Drawn uniformly from all absent names, they are
+    rare (4 of the shapes data's 28 names, and only the absent ones), while every present
+    supercategory is a positive prompt: a model so trained answers "circle" with something
+    whether or not a circle is there (it did, on every absent shape-only test prompt)."""
+    if count <= 0 or not absent_coarse:
+        return []
+    return rng.choice(absent_coarse, size=min(count, len(absent_coarse)), replace=False).tolist()
 
 
 def _category_map(masks: np.ndarray, numbers: list[int], mask_size: int) -> np.ndarray:

@@ -31,7 +31,7 @@ CATEGORY_HEAD_FILE = "category_head.safetensors"
 # Files of a checkpoint that belong to the trainer, not to the model it trains.
 TRAINER_FILES = ("optimizer.safetensors", CATEGORY_HEAD_FILE, "trainer_state.json")
 # Settings a resumed run must share with the one it continues, or its batches and schedule change.
-RESUME_MUST_MATCH = ("data", "model", "steps", "images_per_step", "negatives_per_image", "lr", "weight_decay",
+RESUME_MUST_MATCH = ("data", "model", "steps", "images_per_step", "negatives_per_image", "coarse_negatives", "lr", "weight_decay",
                      "warmup_steps", "min_lr_ratio", "seed", "freeze", "image_size", "weights")
 FREEZABLE = {"vision": ("vision_encoder",), "text": ("text_encoder", "text_projection")}
 
@@ -44,6 +44,7 @@ class TrainConfig:
     steps: int = 2000
     images_per_step: int = 4
     negatives_per_image: int = 2
+    coarse_negatives: int = 0  # of those, how many are absent supercategory names (see data.sample)
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_steps: int = 100
@@ -220,13 +221,13 @@ class Trainer:
         self.history: list[dict] = []
 
     def _category_head(self) -> CategoryHead | None:
-        """The head of the dense category loss (None when that loss is off). It is saved with
+        """The head of the dense category losses (None when they are off). It is saved with
         the trainer's checkpoint, not with the model, and a run that starts from such a
         checkpoint starts from its head too."""
-        if self.config.weights.category <= 0:
+        weights = self.config.weights
+        if weights.category <= 0 and weights.supercategory <= 0:
             return None
-        names = [self.data.categories[cid]["name"] for cid in sorted(self.data.category_number)]  # number order
-        self.category_tokens = self.processor.tokenizer(names, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+        self.category_levels = self._category_levels()
         torch.manual_seed(self.config.seed)
         vision_width = self.model.config.vision_config.fpn_hidden_size
         text_width = self.model.config.detr_encoder_config.hidden_size
@@ -238,14 +239,40 @@ class Trainer:
             head.load_state_dict(load_file(trained_with))
         return head.to(self.config.device)
 
-    def _category_loss(self, pixel_features: torch.Tensor, samples: list[TrainingSample]) -> torch.Tensor:
-        tokens = {k: v.to(self.plan.device) for k, v in self.category_tokens.items()}
-        with self.plan.autocast():
-            text = self.model.get_text_features(**tokens).pooler_output
-        valid = tokens["attention_mask"][..., None].float()
-        names = (text.float() * valid).sum(1) / valid.sum(1)  # mean over real tokens, as the scoring head pools
-        labels = torch.from_numpy(np.stack([s.categories for s in samples]))
-        return category_loss(self.category_head(pixel_features.float(), names), labels)
+    def _category_levels(self) -> dict[str, tuple[dict, np.ndarray]]:
+        """{loss name: (tokens of its class names, table from category number to class number)}.
+        "category" scores every pixel against the category names ("blue star"), "supercategory"
+        against the supercategory names ("star": any color), where pixels of a category without
+        one are ignored (-100)."""
+        numbers = self.data.category_number  # category id -> number, 1-based; 0 is background
+        levels: dict[str, tuple[list[str], np.ndarray]] = {}
+        if self.config.weights.category > 0:
+            names = [self.data.categories[cid]["name"] for cid in sorted(numbers)]  # number order
+            levels["category"] = (names, np.arange(len(numbers) + 1))
+        if self.config.weights.supercategory > 0:
+            names = self.data.coarse_names
+            table = np.full(len(numbers) + 1, -100)
+            table[0] = 0
+            for cid, number in numbers.items():
+                parent = self.data.categories[cid].get("supercategory")
+                if parent in names:
+                    table[number] = names.index(parent) + 1
+            levels["supercategory"] = (names, table)
+        tokenize = self.processor.tokenizer
+        return {k: (tokenize(n, padding="max_length", max_length=32, truncation=True, return_tensors="pt"), t) for k, (n, t) in levels.items()}
+
+    def _category_losses(self, pixel_features: torch.Tensor, samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
+        categories = np.stack([s.categories for s in samples])
+        losses = {}
+        for level, (tokens, table) in self.category_levels.items():
+            tokens = {k: v.to(self.plan.device) for k, v in tokens.items()}
+            with self.plan.autocast():
+                text = self.model.get_text_features(**tokens).pooler_output
+            valid = tokens["attention_mask"][..., None].float()
+            names = (text.float() * valid).sum(1) / valid.sum(1)  # mean over real tokens, as the scoring head pools
+            labels = torch.from_numpy(table[categories])
+            losses[level] = category_loss(self.category_head(pixel_features.float(), names), labels)
+        return losses
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -256,7 +283,7 @@ class Trainer:
         grid = processor.mask_size["height"]
         indices = rng.choice(len(self.data), size=self.config.images_per_step, replace=len(self.data) < self.config.images_per_step)
         return [
-            self.data.sample(int(i), rng, input_size=processor.size["height"], mask_size=grid, mean=processor.image_mean, std=processor.image_std, negatives=self.config.negatives_per_image)
+            self.data.sample(int(i), rng, input_size=processor.size["height"], mask_size=grid, mean=processor.image_mean, std=processor.image_std, negatives=self.config.negatives_per_image, coarse_negatives=self.config.coarse_negatives)
             for i in indices
         ]
 
@@ -267,8 +294,9 @@ class Trainer:
         predictions, targets = forward_batch(self.model, self.processor.tokenizer, samples, self.plan)
         losses = set_criterion(predictions, targets, self.config.weights)
         if self.category_head is not None:
-            losses["category"] = self._category_loss(predictions.pixel_features, samples)
-            losses["total"] = losses["total"] + self.config.weights.category * losses["category"]
+            for level, loss in self._category_losses(predictions.pixel_features, samples).items():
+                losses[level] = loss
+                losses["total"] = losses["total"] + getattr(self.config.weights, level) * loss
         self.optimizer.zero_grad(set_to_none=True)
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this step uses, for the log
         if self.scaler is not None:
@@ -292,6 +320,17 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------------
 
+    @property
+    def machine(self) -> str:
+        """What the steps ran on, for the log: runs resumed across sessions change machines."""
+        if self.plan.device.type == "cuda":
+            device = torch.cuda.get_device_name(self.plan.device)
+        else:
+            from ..precision import cpu_info
+
+            device = cpu_info().model
+        return f"{device}, {self.plan.used.value}"
+
     def run(self, on_log: Callable[[StepLog], None] | None = None) -> bool:
         """Train to `config.steps`, checkpointing as configured. Returns False when stopped early
         by a signal (after saving a checkpoint), True when finished."""
@@ -302,7 +341,7 @@ class Trainer:
                 window.append(self.train_step())
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                     log = StepLog(self.step, _mean(window), self.lr, (time.perf_counter() - started) / len(window))
-                    self.history.append(asdict(log))
+                    self.history.append(asdict(log) | {"machine": self.machine})
                     window, started = [], time.perf_counter()
                     if on_log:
                         on_log(log)
@@ -355,7 +394,7 @@ class Trainer:
             return False
         state = json.loads((folder / "trainer_state.json").read_text())
         current = json.loads(json.dumps(asdict(self.config)))  # the form it was saved in (tuples as lists)
-        changed = {k for k in RESUME_MUST_MATCH if state["config"].get(k) != current.get(k)}
+        changed = {k for k in RESUME_MUST_MATCH if _with_defaults(state["config"]).get(k) != current.get(k)}
         if changed:
             raise ValueError(
                 f"{folder} was trained with other settings ({', '.join(sorted(changed))}); resuming would not retrace that run. "
@@ -372,6 +411,17 @@ class Trainer:
         if metrics.is_file():
             self.history = [entry for entry in json.loads(metrics.read_text())["log"] if entry["step"] <= self.step]
         return True
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with the settings added since it was saved at their defaults, which
+    reproduce what the run did before they existed (a new loss weighted 0, say)."""
+    from dataclasses import MISSING, fields
+
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    merged = {**json.loads(json.dumps(defaults)), **saved}
+    merged["weights"] = {**asdict(LossWeights()), **saved.get("weights", {})}
+    return merged
 
 
 def _mean(window: list[dict[str, float]]) -> dict[str, float]:

@@ -99,11 +99,11 @@ def build_demo_model(image_size: int = 336, seed: int = 0):
 DEMO_DATA = {"train": (4000, 101), "val": (200, 202), "test": (300, 303)}  # scenes, seed
 
 
-DEMO_SECOND_STAGE = "stage2"
+DEMO_LATER_STAGES = ("stage2", "stage3")  # run folders of stages 2 and 3, inside stage 1's
 
 
 def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
-    """The one documented recipe that produces the shipped demo model, as two runs.
+    """The one documented recipe that produces the shipped demo model, as three runs.
 
     Stage 1 (in `out`) trains from scratch until the prompt matters: the DETR encoder's output
     starts to depend on the prompt only after ~500 steps, and presence after ~600. By its end
@@ -112,17 +112,25 @@ def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
     with a fresh schedule, weights the mask focal loss as MaskFormer does (20, not 5: at 5 it was
     under 1% of the total loss) and runs 2 negatives per image instead of 4, since presence has
     learned by then (a step measured ~3.3 s against stage 1's ~3.4 s: the pixel decoder's
-    convolutions dominate). `steps` overrides stage 2's length."""
+    convolutions dominate). After stage 2 the model knew colors but not shapes: shape-only
+    prompts ("star") had recall 0.13, and every absent one found something. Stage 3 (in
+    `out`/stage3) targets that: one of its 3 negatives per image is an absent shape (uniform
+    draws made those rare, see `data._coarse_negatives`), and a second dense loss scores every
+    pixel against the shape names, so that "star" gets the direction of stars of any color.
+    `steps` overrides the last stage's length."""
     from .criterion import LossWeights
     from .loop import CHECKPOINT_DIR, TrainConfig
 
     common = dict(data=data, images_per_step=4, weight_decay=0.05, checkpoint_every=100, log_every=20, precision="auto", seed=0)
     first = TrainConfig(out=out, steps=1100, negatives_per_image=4, lr=3e-4, warmup_steps=200,
                         weights=LossWeights(category=2.0, presence=3.0), **common)
-    second = TrainConfig(out=str(Path(out) / DEMO_SECOND_STAGE), model=str(Path(out) / CHECKPOINT_DIR), steps=steps or 1800,
+    second = TrainConfig(out=str(Path(out) / DEMO_LATER_STAGES[0]), model=str(Path(out) / CHECKPOINT_DIR), steps=1800,
                          negatives_per_image=2, lr=3e-4, warmup_steps=50,
                          weights=LossWeights(category=2.0, presence=3.0, mask_focal=20.0), **common)
-    return [first, second]
+    third = TrainConfig(out=str(Path(out) / DEMO_LATER_STAGES[1]), model=str(Path(second.out) / CHECKPOINT_DIR), steps=steps or 1200,
+                        negatives_per_image=3, coarse_negatives=1, lr=2e-4, warmup_steps=50,
+                        weights=LossWeights(category=2.0, supercategory=2.0, presence=3.0, mask_focal=20.0), **common)
+    return [first, second, third]
 
 
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
@@ -222,16 +230,20 @@ def training_notes(trainers: list) -> dict:
     """What the model card says about a finished recipe (one trainer per stage): recipe, data,
     machine and time. The time is summed from each run's log, so runs resumed across sessions
     count every part."""
-    from ..precision import cpu_info
-
-    seconds, recipes = 0.0, []
+    seconds, recipes, machines = 0.0, [], {}
     for number, trainer in enumerate(trainers, start=1):
         config, history = trainer.config, trainer.history
         steps_before = [0] + [h["step"] for h in history[:-1]]
-        seconds += sum(h["seconds"] * (h["step"] - before) for h, before in zip(history, steps_before))
+        for entry, before in zip(history, steps_before):
+            steps = entry["step"] - before
+            seconds += entry["seconds"] * steps
+            counted = machines.setdefault(entry.get("machine", "not recorded"), [0, 0.0])
+            counted[0] += steps
+            counted[1] += entry["seconds"] * steps
         start = "from scratch" if number == 1 else "from the previous stage's weights"
         recipes.append(f"stage {number}, {start}: {config.steps} steps of {config.images_per_step} images with "
-                       f"{config.negatives_per_image} absent prompts each, AdamW lr {config.lr} ({config.warmup_steps} warmup steps, "
+                       f"{config.negatives_per_image} absent prompts each"
+                       f"{f' ({config.coarse_negatives} an absent shape)' if config.coarse_negatives else ''}, AdamW lr {config.lr} ({config.warmup_steps} warmup steps, "
                        f"cosine), loss weights {asdict(config.weights)}")
     last = trainers[-1]
     count, seed = DEMO_DATA["train"]
@@ -241,10 +253,12 @@ def training_notes(trainers: list) -> dict:
         "data": f"{count} training scenes (seed {seed}); prompts: each category and shape present, plus absent ones "
                 "(half of them sharing a word with a present name)",
         "loss": "DETR set loss with per-layer auxiliary losses, presence and dense-head losses, and a per-pixel "
-                "category loss on the vision features",
+                "category loss on the vision features (against category names, and in stage 3 shape names too)",
         "recipe": "; ".join(recipes),
-        "precision": f"{last.config.precision} -> {last.plan.used.value}",
-        "machine": f"{cpu_info().model}, {os.cpu_count()} cores",
+        "precision": f"{last.config.precision}, resolved on each machine: "
+        + "; ".join(
+            f"{name}: {steps} steps, {time / 60:.0f} min ({time / max(1, steps):.2f} s per step)" for name, (steps, time) in machines.items()
+        ) + f"; {os.cpu_count()} cores",
         "training time": f"{seconds / 60:.0f} min for {steps} steps ({seconds / max(1, steps):.2f} s per step)",
         "final losses": ", ".join(f"{k} {v:.3f}" for k, v in last.history[-1]["losses"].items()) if last.history else "none",
     }
