@@ -108,7 +108,7 @@ def measure_sam3studio(spec: WorkerSpec) -> WorkerResult:
     if spec.masks_out and masks:
         np.savez_compressed(spec.masks_out, **masks)
     plan = seg.default_plan
-    return WorkerResult("sam3studio", plan.requested.value, plan.used.value, load_ms / 1000, timings, quality=quality)
+    return WorkerResult("sam3studio", plan.requested.value, plan.describe(), load_ms / 1000, timings, quality=quality)
 
 
 def _quality(seg, spec: WorkerSpec) -> dict:
