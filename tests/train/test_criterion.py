@@ -91,3 +91,37 @@ def test_every_layer_is_matched_on_its_own():
     p.boxes[0, 0, 3] = torch.tensor([v / M for v in (2, 2, 8, 8)])  # but its query 3 fits
     p.logits[0, 0, 3] = 4.0
     assert set_criterion(p, target)["box_l1"] < 1e-6
+
+
+def test_query_quality_is_each_querys_best_iou_with_its_prompts_objects():
+    from sam3studio.train.criterion import query_quality
+
+    targets = [_target((2, 2, 8, 8), (10, 10, 15, 14)), _target()]
+    p = _predictions(rows=2)
+    _make_query_exact(p, 0, 1, (2, 2, 8, 8))
+    _make_query_exact(p, 0, 3, (10, 10, 15, 12))  # the top 2 of the object's 4 rows: IoU 0.5
+    for masks in (p.masks, None):
+        quality = query_quality(p.boxes[-1], masks, targets)
+        assert quality[0, 1] == 1.0 and abs(quality[0, 3].item() - 0.5) < 1e-6
+        assert (quality[1] == 0).all()  # a negative prompt: nothing to be
+    assert (query_quality(p.boxes[-1], p.masks, targets)[0, [0, 2]] == 0).all()  # empty masks overlap nothing
+
+
+def test_quality_targets_reward_scores_that_rank_queries_by_iou():
+    target = [_target((2, 2, 8, 8))]
+    ranked, inverted = _predictions(), _predictions()
+    for p in (ranked, inverted):
+        _make_query_exact(p, 0, 1, (2, 2, 8, 8))
+        _make_query_exact(p, 0, 2, (2, 2, 8, 5))  # a duplicate covering half the object
+    ranked.logits[:, 0, 1], ranked.logits[:, 0, 2] = 4.0, 0.0
+    inverted.logits[:, 0, 1], inverted.logits[:, 0, 2] = 0.0, 4.0
+    good = set_criterion(ranked, target, quality_targets=True)["classification"]
+    bad = set_criterion(inverted, target, quality_targets=True)["classification"]
+    assert good < bad
+    # One-to-one targets want the duplicate silent; quality targets want it at its IoU, 0.5 (logit 0).
+    silent = _predictions()
+    _make_query_exact(silent, 0, 1, (2, 2, 8, 8))
+    _make_query_exact(silent, 0, 2, (2, 2, 8, 5))
+    silent.logits[:, 0, 1], silent.logits[:, 0, 2] = 4.0, -4.0
+    assert set_criterion(silent, target)["classification"] < set_criterion(ranked, target)["classification"]
+    assert good < set_criterion(silent, target, quality_targets=True)["classification"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from .data import PromptTarget
 
@@ -70,8 +70,17 @@ def match(logits: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor | None,
     return queries.astype(np.int64), targets.astype(np.int64)
 
 
-def set_criterion(predictions: Predictions, targets: list[PromptTarget], weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
-    """Losses averaged per target object (DETR's normalisation); "total" is their weighted sum."""
+def set_criterion(predictions: Predictions, targets: list[PromptTarget], weights: LossWeights = LossWeights(), *,
+                  quality_targets: bool = False) -> dict[str, torch.Tensor]:
+    """Losses averaged per target object (DETR's normalisation); "total" is their weighted sum.
+
+    quality_targets: train each query's score toward its IoU with the best-overlapping object of
+    its prompt (`query_quality`, varifocal loss) instead of 1 for the Hungarian match and 0 for
+    the rest. Why: with one-to-one targets the demo model's scores collapsed to ~0.2 for every
+    query, matched or not (a sample of its training prompts: matched 0.11-0.29, best unmatched
+    0.20-0.26), because near-duplicate queries make the match a coin toss the score cannot learn.
+    An IoU target is the same for near-duplicates, and duplicates are removed after scoring
+    (`postprocess.one_per_object`). Box and mask losses keep the Hungarian match."""
     p = Predictions(*(t.float() if t is not None else None for t in (predictions.logits, predictions.boxes, predictions.presence, predictions.masks, predictions.semantic)))
     layers, rows, queries = p.logits.shape
     device = p.logits.device
@@ -80,11 +89,14 @@ def set_criterion(predictions: Predictions, targets: list[PromptTarget], weights
     for layer in range(layers):
         last = layer == layers - 1
         matches = [match(p.logits[layer, r], p.boxes[layer, r], p.masks[r] if last else None, targets[r], weights) for r in range(rows)]
-        labels = torch.zeros(rows, queries, device=device)
-        for r, (q, _) in enumerate(matches):
-            labels[r, q] = 1.0
         scale = 1.0 if last else weights.aux
-        cls = sigmoid_focal_loss(p.logits[layer], labels, reduction="sum") / count
+        if quality_targets:
+            cls = varifocal_loss(p.logits[layer], query_quality(p.boxes[layer], p.masks if last else None, targets)) / count
+        else:
+            labels = torch.zeros(rows, queries, device=device)
+            for r, (q, _) in enumerate(matches):
+                labels[r, q] = 1.0
+            cls = sigmoid_focal_loss(p.logits[layer], labels, reduction="sum") / count
         l1, giou = _box_losses(p.boxes[layer], targets, matches, count)
         _add(losses, "classification", scale * cls)
         _add(losses, "box_l1", scale * l1)
@@ -97,6 +109,33 @@ def set_criterion(predictions: Predictions, targets: list[PromptTarget], weights
         losses["semantic"] = _semantic_loss(p.semantic, targets)
     losses["total"] = sum(getattr(weights, name) * value for name, value in losses.items())
     return losses
+
+
+@torch.no_grad()
+def query_quality(boxes: torch.Tensor, masks: torch.Tensor | None, targets: list[PromptTarget]) -> torch.Tensor:
+    """(R, Q): each query's best IoU with an object of its prompt row, by mask where masks
+    (R, Q, M, M logits) are given, else by box (R, Q, 4 xyxy); 0 throughout for a negative prompt."""
+    quality = boxes.new_zeros(boxes.shape[:2])
+    for r, target in enumerate(targets):
+        if len(target.boxes) == 0:
+            continue
+        if masks is None:
+            iou = box_iou(boxes[r], torch.as_tensor(target.boxes, device=boxes.device))
+        else:
+            predicted = (masks[r] > 0).flatten(1).float()
+            wanted = (torch.as_tensor(target.masks, device=masks.device) >= 0.5).flatten(1).float()
+            overlap = predicted @ wanted.T
+            iou = overlap / (predicted.sum(1)[:, None] + wanted.sum(1)[None] - overlap).clamp(min=1.0)
+        quality[r] = iou.amax(1)
+    return quality
+
+
+def varifocal_loss(logits: torch.Tensor, quality: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0) -> torch.Tensor:
+    """VarifocalNet's loss, summed: BCE toward each query's quality in [0, 1], a query with some
+    quality weighted by it, a query with none down-weighted by alpha * p^gamma as in focal loss."""
+    prob = logits.sigmoid().detach()
+    weight = torch.where(quality > 0, quality, alpha * prob.pow(gamma))
+    return F.binary_cross_entropy_with_logits(logits, quality, weight=weight, reduction="sum")
 
 
 def _add(losses: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ CATEGORY_HEAD_FILE = "category_head.safetensors"
 # Files of a checkpoint that belong to the trainer, not to the model it trains.
 TRAINER_FILES = ("optimizer.safetensors", CATEGORY_HEAD_FILE, "trainer_state.json")
 # Settings a resumed run must share with the one it continues, or its batches and schedule change.
-RESUME_MUST_MATCH = ("data", "model", "steps", "images_per_step", "negatives_per_image", "coarse_negatives", "lr", "weight_decay",
+RESUME_MUST_MATCH = ("data", "model", "steps", "images_per_step", "negatives_per_image", "coarse_negatives", "quality_targets", "lr", "weight_decay",
                      "warmup_steps", "min_lr_ratio", "seed", "freeze", "image_size", "weights")
 FREEZABLE = {"vision": ("vision_encoder",), "text": ("text_encoder", "text_projection")}
 
@@ -45,6 +45,7 @@ class TrainConfig:
     images_per_step: int = 4
     negatives_per_image: int = 2
     coarse_negatives: int = 0  # of those, how many are absent supercategory names (see data.sample)
+    quality_targets: bool = False  # scores learn each query's IoU, not the Hungarian match (see set_criterion)
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_steps: int = 100
@@ -292,7 +293,7 @@ class Trainer:
         self.model.train()
         samples = self.batch(self.step)
         predictions, targets = forward_batch(self.model, self.processor.tokenizer, samples, self.plan)
-        losses = set_criterion(predictions, targets, self.config.weights)
+        losses = set_criterion(predictions, targets, self.config.weights, quality_targets=self.config.quality_targets)
         if self.category_head is not None:
             for level, loss in self._category_losses(predictions.pixel_features, samples).items():
                 losses[level] = loss
