@@ -59,7 +59,8 @@ def test_pickled_weights_are_refused(tiny_checkpoint, tmp_path):
         load_model(str(folder))
 
 
-def test_incomplete_checkpoint_is_refused(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])  # bf16 reads the file another way
+def test_incomplete_or_corrupt_checkpoint_is_refused(tiny_checkpoint, tmp_path, weights_dtype):
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "partial"
@@ -69,7 +70,10 @@ def test_incomplete_checkpoint_is_refused(tiny_checkpoint, tmp_path):
     del weights[dropped]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="missing"):
-        load_model(str(folder))
+        load_model(str(folder), weights_dtype=weights_dtype)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:5000])
+    with pytest.raises(ModelLoadError, match="does not hold a loadable SAM3 model"):
+        load_model(str(folder), weights_dtype=weights_dtype)
 
 
 @pytest.mark.parametrize("name,message", [("./nowhere", "no such folder"), ("not a repo id", "no such folder"), ("a/b/c", "owner/name")])
