@@ -172,7 +172,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint/, metrics.json, loss_curve.png. An existing run resumes.")] = Path("runs/train"),
     preset: Annotated[Optional[str], typer.Option(help="'demo': render the shapes data, train the demo model from scratch, calibrate it and install it as --model demo.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Hub id or folder to fine-tune; default: a fresh demo-size model.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all (default 2000); with --preset demo, the length of its last stage.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all (default 2000); with --preset demo, the length of its second stage.")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16, resolved as for inference: bf16 autocast only where this CPU runs it fast; fp16 with a GradScaler on CUDA.")] = "auto",
     force_precision: Annotated[bool, typer.Option("--force-precision", help="Train in the precision asked for even where it is slow.")] = False,
     freeze: Annotated[str, typer.Option(help="Comma-separated parts to keep fixed: vision, text.")] = "",

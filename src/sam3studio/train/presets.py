@@ -99,11 +99,12 @@ def build_demo_model(image_size: int = 336, seed: int = 0):
 DEMO_DATA = {"train": (4000, 101), "val": (200, 202), "test": (300, 303)}  # scenes, seed
 
 
-DEMO_LATER_STAGES = ("stage2", "stage3")  # run folders of stages 2 and 3, inside stage 1's
+DEMO_SECOND_STAGE = "stage2"
+_DEMO_COMMON = dict(images_per_step=4, weight_decay=0.05, checkpoint_every=100, log_every=20, precision="auto", seed=0)
 
 
 def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
-    """The one documented recipe that produces the shipped demo model, as three runs.
+    """The one documented recipe that produces the shipped demo model, as two runs.
 
     Stage 1 (in `out`) trains from scratch until the prompt matters: the DETR encoder's output
     starts to depend on the prompt only after ~500 steps, and presence after ~600. By its end
@@ -111,29 +112,37 @@ def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
     IoU 0.47 on average. Stage 2 (in `out`/stage2) starts from stage 1's weights and category head
     with a fresh schedule, weights the mask focal loss as MaskFormer does (20, not 5: at 5 it was
     under 1% of the total loss) and runs 2 negatives per image instead of 4, since presence has
-    learned by then (a step measured ~3.3 s against stage 1's ~3.4 s: the pixel decoder's
-    convolutions dominate). After stage 2 (test mIoU 0.44, no better than 335 steps earlier) two
-    things held the model back. Its query scores had collapsed to ~0.2 for every query, matched
-    or not, so that picking masks by score was close to a coin toss: stage 3 (in `out`/stage3)
-    trains scores toward each query's IoU instead (`set_criterion`'s quality_targets). And it
-    knew colors but not shapes: shape-only prompts ("star") had recall 0.13, and nearly every
-    absent one found something; so one of stage 3's 3 negatives per image is an absent shape
-    (uniform draws made those rare, see `data._coarse_negatives`), and a second dense loss scores
-    every pixel against the shape names, so that "star" gets the direction of stars of any color.
-    `steps` overrides the last stage's length."""
+    learned by then. `steps` overrides stage 2's length.
+
+    What limits the result (test mIoU 0.44, no better at step 1800 than at 1465): every query
+    scores ~0.2, matched or not, so masks are picked by a coin toss; and shape-only prompts
+    ("star") were rarely drawn as negatives, so nearly every absent one finds something.
+    `demo_third_stage` is the experiment against both; it is not part of the recipe yet."""
     from .criterion import LossWeights
     from .loop import CHECKPOINT_DIR, TrainConfig
 
-    common = dict(data=data, images_per_step=4, weight_decay=0.05, checkpoint_every=100, log_every=20, precision="auto", seed=0)
     first = TrainConfig(out=out, steps=1100, negatives_per_image=4, lr=3e-4, warmup_steps=200,
-                        weights=LossWeights(category=2.0, presence=3.0), **common)
-    second = TrainConfig(out=str(Path(out) / DEMO_LATER_STAGES[0]), model=str(Path(out) / CHECKPOINT_DIR), steps=1800,
+                        weights=LossWeights(category=2.0, presence=3.0), **_DEMO_COMMON, data=data)
+    second = TrainConfig(out=str(Path(out) / DEMO_SECOND_STAGE), model=str(Path(out) / CHECKPOINT_DIR), steps=steps or 1800,
                          negatives_per_image=2, lr=3e-4, warmup_steps=50,
-                         weights=LossWeights(category=2.0, presence=3.0, mask_focal=20.0), **common)
-    third = TrainConfig(out=str(Path(out) / DEMO_LATER_STAGES[1]), model=str(Path(second.out) / CHECKPOINT_DIR), steps=steps or 1000,
-                        negatives_per_image=3, coarse_negatives=1, quality_targets=True, lr=2e-4, warmup_steps=50,
-                        weights=LossWeights(category=2.0, supercategory=2.0, presence=3.0, mask_focal=20.0), **common)
-    return [first, second, third]
+                         weights=LossWeights(category=2.0, presence=3.0, mask_focal=20.0), **_DEMO_COMMON, data=data)
+    return [first, second]
+
+
+def demo_third_stage(out: str, data: str, steps: int = 1000):
+    """An experiment on top of the recipe (in `out`/stage3, from stage 2's weights): scores
+    trained toward each query's IoU (`set_criterion`'s quality_targets), one absent shape among
+    each image's 3 negatives (`data._coarse_negatives`), and a dense loss against the shape
+    names. Measured (1,000 steps, test split, fp32): at threshold 0.1, mIoU 0.49 against stage
+    2's 0.44 (color + shape prompts 0.70, shape-only 0.29; first 100 test scenes); but its
+    F1-calibrated threshold is 0.475, where shape-only prompts find nothing and mIoU is 0.29.
+    Not shipped until its threshold and shape-only scores are sorted out."""
+    from .criterion import LossWeights
+    from .loop import CHECKPOINT_DIR, TrainConfig
+
+    return TrainConfig(out=str(Path(out) / "stage3"), model=str(Path(out) / DEMO_SECOND_STAGE / CHECKPOINT_DIR), steps=steps,
+                       negatives_per_image=3, coarse_negatives=1, quality_targets=True, lr=2e-4, warmup_steps=50,
+                       weights=LossWeights(category=2.0, supercategory=2.0, presence=3.0, mask_focal=20.0), **_DEMO_COMMON, data=data)
 
 
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
@@ -256,8 +265,7 @@ def training_notes(trainers: list) -> dict:
         "data": f"{count} training scenes (seed {seed}); prompts: each category and shape present, plus absent ones "
                 "(half of them sharing a word with a present name)",
         "loss": "DETR set loss with per-layer auxiliary losses, presence and dense-head losses, and a per-pixel "
-                "category loss on the vision features (against category names, and in stage 3 shape names too); "
-                "in stage 3 scores learn each query's IoU with its object (varifocal loss) instead of the Hungarian match",
+                "category loss on the vision features",
         "recipe": "; ".join(recipes),
         "precision": f"{last.config.precision}, resolved on each machine: "
         + "; ".join(
