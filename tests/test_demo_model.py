@@ -69,7 +69,7 @@ def test_an_absent_object_finds_nothing(demo):
     assert demo.segment(image, "purple square").instances == []
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model still answers 44% of absent prompts on its test split (see its card); "
+@pytest.mark.xfail(strict=True, reason="the shipped demo model still answers 43% of absent prompts on its test split (see its card); "
                    "strict, so it fails once the model does not")
 def test_an_absent_name_sharing_words_with_present_objects_finds_nothing(demo):
     image, _ = _drawn_scene()

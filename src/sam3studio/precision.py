@@ -274,8 +274,9 @@ def quantize_int8(model: nn.Module) -> int:
     and leave every other weight fp32. Returns how many layers were replaced.
 
     The model may come in bf16 (read straight from the checkpoint): each Linear is upcast just
-    before it is quantized, so an fp32 copy of the whole model never exists. bf16 rounding is
-    finer than int8's per-tensor steps, so that changes nothing measurable.
+    before it is quantized, so an fp32 copy of the whole model never exists. The other weights
+    keep bf16's rounding; on the demo model that left mIoU at fp32's (0.436) with masks agreeing
+    with fp32's at IoU 0.984.
 
     Why torch.ao: it runs on the x86 CPUs here through fbgemm/oneDNN with no compile step;
     torch marks it deprecated in favour of torchao, whose CPU int8 path needs torch.compile."""
