@@ -184,9 +184,9 @@ def test_supercategory_loss_labels_pixels_by_shape(shapes, tiny_checkpoint, tmp_
     from sam3studio.train.criterion import LossWeights
 
     weights = LossWeights(category=1.0, supercategory=1.0)
-    model, processor = load_for_training(_config(shapes, tiny_checkpoint, tmp_path, weights=weights))
-    trainer = Trainer(_config(shapes, tiny_checkpoint, tmp_path, weights=weights), model, processor)
-    names, table = trainer.category_levels["supercategory"][0], trainer.category_levels["supercategory"][1]
+    config = _config(shapes, tiny_checkpoint, tmp_path, weights=weights)
+    trainer = Trainer(config, *load_for_training(config))
+    names, table = trainer.category_levels["supercategory"]
     assert names["input_ids"].shape[0] == 4 and table[0] == 0
     for cid, number in trainer.data.category_number.items():
         shape = trainer.data.categories[cid]["supercategory"]
