@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sam3studio import load_segmenter
-from sam3studio.speedups import FirstSelfAttentionMemo, PixelDecoderSkips, phase_kernels, upsampled_conv
+from sam3studio.speedups import FirstSelfAttentionMemo, FoldedMaskHead, PixelDecoderSkips, phase_kernels, upsampled_conv
 
 
 @pytest.mark.parametrize("height, width", [(6, 6), (5, 9)])
@@ -57,3 +58,18 @@ def test_first_self_attention_is_computed_once_per_image_and_changes_nothing(tin
     plain = load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu").predict(scene, "red thing, blue thing, thing")
     np.testing.assert_allclose(fast.mask_logits, plain.mask_logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_mask_head_gives_the_plain_heads_masks_and_semantic_map(tiny_checkpoint, scene, monkeypatch):
+    seg = load_segmenter(str(tiny_checkpoint), precision="fp32", device="cpu")
+    encoded = seg.encode_image(scene)
+    text, mask = seg._encode_texts(["red thing", "thing"], seg.default_plan)
+    inputs = dict(vision_embeds=encoded.expanded(2), text_embeds=BaseModelOutputWithPooling(pooler_output=text), attention_mask=mask)
+    with torch.inference_mode():
+        plain = seg.model(**inputs)
+        with seg._mask_head.using():
+            folded = seg.model(**inputs)
+    assert not torch.equal(folded.pred_masks, plain.pred_masks)  # the folded path did run
+    torch.testing.assert_close(folded.pred_masks, plain.pred_masks, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(folded.semantic_seg, plain.semantic_seg, rtol=1e-4, atol=1e-4)
+    assert FoldedMaskHead.install(seg.model) is seg._mask_head

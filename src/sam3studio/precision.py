@@ -332,4 +332,8 @@ def _to_fp32(value):
 
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+    """Whether no element is inf or NaN. A float32 sum carries any of them through, and reads the
+    tensor once without the element-wise mask `isfinite` builds (66 MB per prompt of full-size
+    mask logits); a sum that overflows on finite values (elements near 1e30) only costs a
+    needless fp32 rerun."""
+    return all(t is None or bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors)

@@ -35,7 +35,7 @@ from .precision import (
     resolve,
 )
 from .prompts import PromptsInput, Sam3Warning, attach_boxes, parse_prompts
-from .speedups import FirstSelfAttentionMemo, PixelDecoderSkips
+from .speedups import FirstSelfAttentionMemo, FoldedMaskHead, PixelDecoderSkips
 from .types import Prompt, RawPrediction, Result
 
 MAX_TEXT_TOKENS = 32  # SAM3's text encoder has 32 positions, start and end tokens included
@@ -130,6 +130,7 @@ class Segmenter:
             quantize_int8(self.model)
         self._pixel_decoder = PixelDecoderSkips.install(self.model)
         self._first_self_attention = FirstSelfAttentionMemo.install(self.model)
+        self._mask_head = FoldedMaskHead.install(self.model)
 
     @property
     def model_name(self) -> str:
@@ -307,9 +308,12 @@ class Segmenter:
         for group in groups:
             part = self._detect(encoded, text_embeds[group], text_mask[group], [prompts[i] for i in group], plan)
             if not outputs:
-                outputs = [t.new_empty((len(prompts), *t.shape[1:])) for t in part]
+                outputs = [torch.empty((len(prompts), *t.shape[1:]), dtype=torch.float32) for t in part]
+            rows = _as_slice(group)
             for whole, piece in zip(outputs, part):
-                whole[group] = piece
+                # Consecutive rows take the pass's output in one copy that also converts it to
+                # float32 on the CPU; scattered rows (box prompts among text ones) need it converted first.
+                whole[rows] = piece if isinstance(rows, slice) else piece.to(whole.device, whole.dtype)
             del part
         timings["detect"] = (time.perf_counter() - start) * 1000
         return tuple(outputs)
@@ -335,6 +339,7 @@ class Segmenter:
             plan.autocast(),
             self._pixel_decoder.using(encoded.decoder_skips),
             self._first_self_attention.using(encoded.first_self_attention),
+            self._mask_head.using(),
         ):
             out = self.model(
                 vision_embeds=encoded.expanded(len(prompts)),
@@ -345,7 +350,7 @@ class Segmenter:
             )
         self.counters["forward_passes"] += 1
         scores = out.pred_logits.float().sigmoid() * out.presence_logits.float().sigmoid()
-        return tuple(t.float().cpu() for t in (scores, out.pred_boxes, out.pred_masks))  # .cpu() waits for CUDA
+        return scores, out.pred_boxes, out.pred_masks  # on the model's device, in the pass's dtype
 
     def _encode(self, picture: HashedImage, plan: PrecisionPlan) -> EncodedImage:
         size = self.processor.image_processor.size  # fixed per model today; in the key so it may vary
@@ -403,6 +408,13 @@ class Segmenter:
                 boxes[i, j] = torch.tensor([(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height])
                 labels[i, j] = prompt.box_labels[j] if prompt.box_labels else 1
         return boxes.to(self.device), labels.to(self.device)
+
+
+def _as_slice(rows: list[int]) -> slice | list[int]:
+    """`rows` as a slice when they are consecutive, which indexes without a gather."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return rows
 
 
 def load_segmenter(

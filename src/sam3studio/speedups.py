@@ -156,3 +156,69 @@ class FirstSelfAttentionMemo:
             self._slot["output"] = self._original(query=query[:1], key=key[:1], value=value[:1], **kwargs)[0]
         output = self._slot["output"]
         return output.expand(query.shape[0], *output.shape[1:]), None
+
+
+class FoldedMaskHead:
+    """SAM3's mask head projects the 288x288 pixel embedding with a 1x1 convolution (256 to
+    256 channels at full size) and then takes each query's dot product with it. Both steps are
+    linear, so the projection folds into the queries instead: (m W) . x + m . b for query
+    embedding m. That turns a 21 M x 256 x 256 convolution into a 200 x 256 x 256 product, per
+    prompt. The semantic head (a 1x1 convolution to one channel) rides along as one more row.
+
+    Inside `using()` the mask decoder also skips `_embed_pixels`' copies of the backbone maps,
+    which the pixel decoder reads but never changes. Outside it the decoder runs as before."""
+
+    def __init__(self, decoder: nn.Module):
+        self.decoder = decoder
+        self._original = decoder.forward
+        self._active = False
+        decoder.forward = self._forward
+
+    @classmethod
+    def install(cls, model: nn.Module) -> FoldedMaskHead:
+        decoder = model.mask_decoder
+        if not isinstance(getattr(decoder, "_sam3studio_fold", None), cls):
+            decoder._sam3studio_fold = cls(decoder)
+        return decoder._sam3studio_fold
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def _forward(self, decoder_queries, backbone_features, encoder_hidden_states, prompt_features=None, prompt_mask=None, **kwargs):
+        if not self._active:
+            return self._original(decoder_queries=decoder_queries, backbone_features=backbone_features,
+                                  encoder_hidden_states=encoder_hidden_states, prompt_features=prompt_features,
+                                  prompt_mask=prompt_mask, **kwargs)
+        from transformers.models.sam3.modeling_sam3 import Sam3MaskDecoderOutput
+
+        d = self.decoder
+        if prompt_features is not None:
+            encoder_hidden_states = encoder_hidden_states + self._prompt_attention(encoder_hidden_states, prompt_features, prompt_mask)
+        height, width = backbone_features[-1].shape[-2:]
+        batch, _, channels = encoder_hidden_states.shape
+        tokens = encoder_hidden_states[:, : height * width].transpose(1, 2).reshape(batch, channels, height, width)
+        pixels = d.pixel_decoder([*backbone_features[:-1], tokens])
+
+        queries = d.mask_embedder(decoder_queries)  # (B, Q, C)
+        projection, semantic = d.instance_projection, d.semantic_projection
+        rows = torch.cat([queries @ projection.weight.flatten(1), semantic.weight.flatten(1).expand(batch, 1, -1)], dim=1)
+        offsets = torch.cat([queries @ projection.bias, semantic.bias.expand(batch, 1)], dim=1)
+        maps = torch.einsum("bqc,bchw->bqhw", rows, pixels) + offsets[..., None, None]
+        return Sam3MaskDecoderOutput(pred_masks=maps[:, :-1], semantic_seg=maps[:, -1:])
+
+    def _prompt_attention(self, hidden: torch.Tensor, prompt_features: torch.Tensor, prompt_mask: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's cross-attention from image tokens to the prompt, as `Sam3MaskDecoder` runs it."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        d = self.decoder
+        normed = d.prompt_cross_attn_norm(hidden)
+        mask = None
+        if prompt_mask is not None:
+            mask = create_bidirectional_mask(config=d.config, inputs_embeds=normed, encoder_hidden_states=prompt_features, attention_mask=prompt_mask)
+        output, _ = d.prompt_cross_attn(query=normed, key=prompt_features, value=prompt_features, attention_mask=mask)
+        return output
