@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sam3studio import load_segmenter
-from sam3studio.speedups import FirstSelfAttentionMemo, FoldedMaskHead, PixelDecoderSkips, phase_kernels, upsampled_conv
+from sam3studio.speedups import FirstSelfAttentionMemo, FoldedMaskHead, PixelDecoderSkips, install_complex_rope, phase_kernels, upsampled_conv
 
 
 @pytest.mark.parametrize("height, width", [(6, 6), (5, 9)])
@@ -73,3 +73,24 @@ def test_folded_mask_head_gives_the_plain_heads_masks_and_semantic_map(tiny_chec
     torch.testing.assert_close(folded.pred_masks, plain.pred_masks, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(folded.semantic_seg, plain.semantic_seg, rtol=1e-4, atol=1e-4)
     assert FoldedMaskHead.install(seg.model) is seg._mask_head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_complex_rope_rotates_exactly_as_transformers(dtype):
+    from transformers.models.sam3 import modeling_sam3
+
+    install_complex_rope()
+    install_complex_rope()  # a second install keeps the first
+    rotate = modeling_sam3.apply_rotary_pos_emb_2d
+    original = rotate._sam3studio_original
+    assert getattr(original, "_sam3studio_original", None) is None
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 40, 2, 4, 16, dtype=dtype)  # (windows, tokens, q/k, heads, head_dim)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # non-contiguous, as in the model
+    angles = torch.rand(40, 8) * 20
+    cos, sin = angles.cos().repeat_interleave(2, -1)[None], angles.sin().repeat_interleave(2, -1)[None]
+    for fast, plain in zip(rotate(q, k, cos=cos, sin=sin), original(q, k, cos=cos, sin=sin)):
+        assert fast.dtype == dtype and torch.equal(fast, plain)
+    uneven = torch.rand(1, 40, 16)  # not one angle per pair: the original runs
+    for fast, plain in zip(rotate(q, k, cos=uneven, sin=uneven), original(q, k, cos=uneven, sin=uneven)):
+        assert torch.equal(fast, plain)

@@ -35,7 +35,7 @@ from .precision import (
     resolve,
 )
 from .prompts import PromptsInput, Sam3Warning, attach_boxes, parse_prompts
-from .speedups import FirstSelfAttentionMemo, FoldedMaskHead, PixelDecoderSkips
+from .speedups import FirstSelfAttentionMemo, FoldedMaskHead, PixelDecoderSkips, install_complex_rope
 from .types import Prompt, RawPrediction, Result
 
 MAX_TEXT_TOKENS = 32  # SAM3's text encoder has 32 positions, start and end tokens included
@@ -131,6 +131,7 @@ class Segmenter:
         self._pixel_decoder = PixelDecoderSkips.install(self.model)
         self._first_self_attention = FirstSelfAttentionMemo.install(self.model)
         self._mask_head = FoldedMaskHead.install(self.model)
+        install_complex_rope()
 
     @property
     def model_name(self) -> str:
