@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import postprocess
+from .allocator import reuse_freed_memory
 from .images import ImageInput, load_image
 from .loading import LoadedModel, load_model
 from .precision import (
@@ -108,6 +109,7 @@ class Segmenter:
     """SAM3 for text and box prompts, with a precision plan and caches. Thread-safe."""
 
     def __init__(self, loaded: LoadedModel, plan: PrecisionPlan, *, force_precision: bool = False, cache_size: int = 8):
+        reuse_freed_memory()
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
