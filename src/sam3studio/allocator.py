@@ -17,12 +17,12 @@ import os
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
-_KEEP_HEAP_BYTES = 1 << 30
+_KEEP_HEAP_BYTES = 128 << 20
 OPT_OUT = "SAM3STUDIO_DEFAULT_MALLOC"
 
 
 def reuse_freed_memory() -> None:
-    """Serve large tensors from the heap and keep up to 1 GB of freed heap for the next ones.
+    """Serve large tensors from the heap and keep up to 128 MB of freed heap top for the next ones.
 
     At full size the ViT makes several 49 MB tensors per layer. On the 2-core VMs here a bf16
     GELU over one took 26 ms into a fresh block and 6.5 ms into a reused one; an add 22 -> 3 ms.
