@@ -30,7 +30,7 @@ def reuse_freed_memory() -> None:
     Process-wide, so set once, when a Segmenter is made; `SAM3STUDIO_DEFAULT_MALLOC=1` in the
     environment leaves malloc as it was."""
     libc = _libc()
-    if libc is None or os.environ.get(OPT_OUT) or not hasattr(libc, "mallopt"):
+    if libc is None or os.environ.get(OPT_OUT):
         return
     libc.mallopt(_M_MMAP_MAX, 0)
     libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_HEAP_BYTES)
@@ -41,7 +41,7 @@ def release_freed_memory() -> None:
     that is gigabytes the heap would keep: full-size SAM3 quantized to int8 held 3.8 GB
     resident, 2.1 GB after this."""
     libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
+    if libc is not None:
         libc.malloc_trim(0)
 
 
@@ -51,4 +51,5 @@ def _libc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "malloc_trim") else None  # glibc only: musl and macOS lack it
+    # glibc only: musl and macOS have neither malloc_trim nor these mallopt parameters.
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
