@@ -1,0 +1,106 @@
+"""Where a demo checkpoint's errors come from: its masks, its scores, or its vision features.
+
+    python diagnose.py CHECKPOINT --val /tmp/shapes/val --scenes 60
+
+Prints, per prompt kind ("blue star" vs "star"):
+- oracle mIoU and recall@0.5: each object's best IoU over all of its prompt's queries, whatever
+  their scores. What a perfect scorer would reach; below it, the masks themselves are wrong.
+- the scored metrics at a few thresholds (as `sam3studio eval` counts them);
+- through the checkpoint's category head (trainer file), how often the vision features' best
+  category for an object pixel has the right shape and the right color.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from sam3studio.evaluate import collect, score
+from sam3studio.segmenter import load_segmenter
+from sam3studio.train.data import CocoSegmentationData
+from sam3studio.train.shapes import COLORS, write_dataset
+
+KINDS = {"color + shape": lambda name: " " in name, "shape only": lambda name: " " not in name}
+
+
+def oracle_ious(cases) -> dict[str, np.ndarray]:
+    """Per prompt kind: each ground-truth object's best mask IoU over all queries of its prompt."""
+    best: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for case in cases:
+        height, width = case.raw.image_size
+        rows = {p.text: r for r, p in enumerate(case.raw.prompts)}
+        for name, truth in case.truth.items():
+            logits = case.raw.mask_logits[rows[name]]
+            masks = np.stack([cv2.resize(m, (width, height)) > 0 for m in logits]).reshape(len(logits), -1).astype(np.float32)
+            wanted = truth.reshape(len(truth), -1).astype(np.float32)
+            overlap = wanted @ masks.T
+            iou = overlap / np.maximum(wanted.sum(1)[:, None] + masks.sum(1)[None] - overlap, 1)
+            kind = next(k for k, keep in KINDS.items() if keep(name))
+            best[kind] += iou.max(1).tolist()
+    return {kind: np.asarray(values) for kind, values in best.items()}
+
+
+def pixel_accuracy(checkpoint: str, data: CocoSegmentationData, scenes: int) -> tuple[float, float]:
+    """(shape, color) accuracy on object pixels of the category head over the vision features."""
+    from safetensors.torch import load_file
+    from transformers import Sam3Model, Sam3Processor
+
+    from sam3studio.train.loop import CATEGORY_HEAD_FILE, CategoryHead
+
+    model = Sam3Model.from_pretrained(checkpoint).eval()
+    processor = Sam3Processor.from_pretrained(checkpoint)
+    head = CategoryHead(model.config.vision_config.fpn_hidden_size, model.config.detr_encoder_config.hidden_size)
+    head.load_state_dict(load_file(f"{checkpoint}/{CATEGORY_HEAD_FILE}"))
+    names = [data.categories[c]["name"] for c in sorted(data.category_number)]
+    tokens = processor.tokenizer(names, padding="max_length", max_length=32, return_tensors="pt")
+    images = processor.image_processor
+    colors = len(COLORS)
+    shape_right = color_right = seen = 0
+    with torch.no_grad():
+        text = model.get_text_features(**tokens).pooler_output
+        valid = tokens["attention_mask"][..., None].float()
+        text = (text * valid).sum(1) / valid.sum(1)
+        for index in range(min(scenes, len(data))):
+            sample = data.sample(index, np.random.default_rng(index), input_size=images.size["height"], mask_size=images.mask_size["height"],
+                                 mean=images.image_mean, std=images.image_std, flip=False)
+            features = model.get_vision_features(pixel_values=torch.from_numpy(sample.pixels[None])).fpn_hidden_states[0]
+            predicted = head(features, text)[0, 1:].argmax(0).numpy()  # best category, background aside
+            on_object = sample.categories > 0
+            p, t = predicted[on_object], sample.categories[on_object] - 1
+            shape_right += int((p // colors == t // colors).sum())
+            color_right += int((p % colors == t % colors).sum())
+            seen += len(t)
+    return shape_right / seen, color_right / seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("--val", default="/tmp/shapes/val")
+    parser.add_argument("--scenes", type=int, default=60)
+    parser.add_argument("--thresholds", default="0.1,0.2,0.3,0.5")
+    args = parser.parse_args()
+    if not Path(args.val, "annotations.json").is_file():
+        write_dataset(args.val, 200, 202)  # the demo recipe's validation split
+    data = CocoSegmentationData(args.val)
+    seg = load_segmenter(args.checkpoint, precision="fp32", device="cpu", force_precision=True)
+    cases, _ = collect(seg, data, precision="fp32", limit=args.scenes)
+    for kind, best in oracle_ious(cases).items():
+        print(f"{kind}: {len(best)} objects, oracle mIoU {best.mean():.3f}, oracle recall@0.5 {(best >= 0.5).mean():.3f}")
+    for threshold in (float(t) for t in args.thresholds.split(",")):
+        for kind, keep in {"all": lambda name: True, **KINDS}.items():
+            subset = [replace(c, truth={n: m for n, m in c.truth.items() if keep(n)}, negatives=[n for n in c.negatives if keep(n)]) for c in cases]
+            r = score(subset, threshold)
+            print(f"threshold {threshold:.2f} {kind:>13}: mIoU {r.miou:.3f}, precision@0.5 {r.precision_at_50:.3f}, "
+                  f"recall@0.5 {r.recall_at_50:.3f}, FP absent {r.negative_fp_rate:.3f} of {sum(len(c.negatives) for c in subset)}")
+    shape, color = pixel_accuracy(args.checkpoint, data, 100)
+    print(f"object pixels (100 scenes), category head: shape accuracy {shape:.3f}, color accuracy {color:.3f}")
+
+
+if __name__ == "__main__":
+    main()
