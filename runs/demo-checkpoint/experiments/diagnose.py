@@ -7,7 +7,8 @@ Prints, per prompt kind ("blue star" vs "star"):
   their scores. What a perfect scorer would reach; below it, the masks themselves are wrong.
 - the scored metrics at a few thresholds (as `sam3studio eval` counts them);
 - through the checkpoint's category head (trainer file), how often the vision features' best
-  category for an object pixel has the right shape and the right color.
+  category for an object pixel has the right shape and the right color;
+- how well a linear probe names an object's shape from its mean-pooled vision features.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from sam3studio.train.shapes import COLORS, write_dataset
 KINDS = {"color + shape": lambda name: " " in name, "shape only": lambda name: " " not in name}
 
 
-def oracle_ious(cases) -> dict[str, np.ndarray]:
-    """Per prompt kind: each ground-truth object's best mask IoU over all queries of its prompt."""
+def oracle_ious(cases) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per prompt kind: each ground-truth object's best mask IoU over all queries of its prompt,
+    and its size (square root of its area over the image's)."""
     best: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    sizes: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for case in cases:
         height, width = case.raw.image_size
         rows = {p.text: r for r, p in enumerate(case.raw.prompts)}
@@ -42,7 +45,8 @@ def oracle_ious(cases) -> dict[str, np.ndarray]:
             iou = overlap / np.maximum(wanted.sum(1)[:, None] + masks.sum(1)[None] - overlap, 1)
             kind = next(k for k, keep in KINDS.items() if keep(name))
             best[kind] += iou.max(1).tolist()
-    return {kind: np.asarray(values) for kind, values in best.items()}
+            sizes[kind] += np.sqrt(wanted.sum(1) / (height * width)).tolist()
+    return {k: np.asarray(v) for k, v in best.items()}, {k: np.asarray(v) for k, v in sizes.items()}
 
 
 def pixel_accuracy(checkpoint: str, data: CocoSegmentationData, scenes: int) -> tuple[float, float]:
@@ -78,20 +82,64 @@ def pixel_accuracy(checkpoint: str, data: CocoSegmentationData, scenes: int) -> 
     return shape_right / seen, color_right / seen
 
 
+def pooled_shape_probe(checkpoint: str, train: CocoSegmentationData, val: CocoSegmentationData, scenes: tuple[int, int]) -> float:
+    """Validation accuracy of a linear probe naming each object's shape from the mean of its
+    finest vision features: can the shape be read from the features object by object?"""
+    from transformers import Sam3Model, Sam3Processor
+
+    model = Sam3Model.from_pretrained(checkpoint).eval()
+    images = Sam3Processor.from_pretrained(checkpoint).image_processor
+    colors = len(COLORS)
+
+    def pooled(data: CocoSegmentationData, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        features, shapes = [], []
+        for index in range(min(count, len(data))):
+            sample = data.sample(index, np.random.default_rng(index), input_size=images.size["height"], mask_size=images.mask_size["height"],
+                                 mean=images.image_mean, std=images.image_std, flip=False)
+            with torch.no_grad():
+                level0 = model.get_vision_features(pixel_values=torch.from_numpy(sample.pixels[None])).fpn_hidden_states[0][0]
+            labels = torch.from_numpy(sample.categories)
+            for category in labels.unique().tolist():
+                if category:
+                    features.append(level0[:, labels == category].mean(1))
+                    shapes.append((category - 1) // colors)
+        return torch.stack(features), torch.tensor(shapes)
+
+    (x_train, y_train), (x_val, y_val) = pooled(train, scenes[0]), pooled(val, scenes[1])
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    probe = torch.nn.Linear(x_train.shape[1], len(y_train.unique()))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(2000):
+        loss = torch.nn.functional.cross_entropy(probe((x_train - mean) / std), y_train) + 1e-3 * probe.weight.pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((probe((x_val - mean) / std).argmax(1) == y_val).float().mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("--val", default="/tmp/shapes/val")
+    parser.add_argument("--train", default="/tmp/shapes/train", help="scenes for the shape probe to learn from")
     parser.add_argument("--scenes", type=int, default=60)
     parser.add_argument("--thresholds", default="0.1,0.2,0.3,0.5")
     args = parser.parse_args()
     if not Path(args.val, "annotations.json").is_file():
         write_dataset(args.val, 200, 202)  # the demo recipe's validation split
+    if not Path(args.train, "annotations.json").is_file():
+        write_dataset(args.train, 600, 101)
     data = CocoSegmentationData(args.val)
     seg = load_segmenter(args.checkpoint, precision="fp32", device="cpu", force_precision=True)
     cases, _ = collect(seg, data, precision="fp32", limit=args.scenes)
-    for kind, best in oracle_ious(cases).items():
+    oracle, sizes = oracle_ious(cases)
+    for kind, best in oracle.items():
         print(f"{kind}: {len(best)} objects, oracle mIoU {best.mean():.3f}, oracle recall@0.5 {(best >= 0.5).mean():.3f}")
+        for low, high in ((0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 1)):
+            within = (sizes[kind] >= low) & (sizes[kind] < high)
+            if within.any():
+                print(f"  objects {low:.1f}-{high:.1f} of the image side: {within.sum()}, oracle mIoU {best[within].mean():.3f}")
     for threshold in (float(t) for t in args.thresholds.split(",")):
         for kind, keep in {"all": lambda name: True, **KINDS}.items():
             subset = [replace(c, truth={n: m for n, m in c.truth.items() if keep(n)}, negatives=[n for n in c.negatives if keep(n)]) for c in cases]
@@ -100,6 +148,8 @@ def main() -> None:
                   f"recall@0.5 {r.recall_at_50:.3f}, FP absent {r.negative_fp_rate:.3f} of {sum(len(c.negatives) for c in subset)}")
     shape, color = pixel_accuracy(args.checkpoint, data, 100)
     print(f"object pixels (100 scenes), category head: shape accuracy {shape:.3f}, color accuracy {color:.3f}")
+    probed = pooled_shape_probe(args.checkpoint, CocoSegmentationData(args.train), data, (600, 100))
+    print(f"objects, mean-pooled features, linear probe (600 training scenes, 100 validation): shape accuracy {probed:.3f}")
 
 
 if __name__ == "__main__":
