@@ -68,6 +68,25 @@ def batch(data: CocoSegmentationData, indices, rng, mask_size: int):
     return torch.from_numpy(np.stack([s.pixels for s in samples])), torch.from_numpy(np.stack([s.categories for s in samples]))
 
 
+def accuracy(forward, model: torch.nn.Module, val: CocoSegmentationData, mask_size: int) -> dict[str, float]:
+    """Shape and color accuracy of the predicted category on the object pixels of the first
+    VAL_SCENES validation scenes."""
+    model.eval()
+    shape_right = color_right = pixels_seen = 0
+    colors = len(COLORS)  # category numbers run shape-major: number - 1 = shape * colors + color
+    with torch.no_grad():
+        for start in range(0, min(VAL_SCENES, len(val)), 10):
+            pixels, labels = batch(val, range(start, min(start + 10, len(val))), np.random.default_rng(start), mask_size)
+            predicted = forward(pixels).argmax(1)
+            on_object = labels > 0
+            p, t = predicted[on_object] - 1, labels[on_object] - 1
+            found = p >= 0
+            shape_right += ((p // colors == t // colors) & found).sum().item()
+            color_right += ((p % colors == t % colors) & found).sum().item()
+            pixels_seen += len(t)
+    return {"shape_accuracy": round(shape_right / pixels_seen, 3), "color_accuracy": round(color_right / pixels_seen, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", default="base", choices=["base", "p7", "d6", "cnn"])
@@ -76,8 +95,10 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with native bf16)")
     parser.add_argument("--train", default="/tmp/shapes/train")
     parser.add_argument("--val", default="/tmp/shapes/val")
+    parser.add_argument("--train-scenes", type=int, default=1500, help="scenes rendered when --train is empty")
+    parser.add_argument("--eval-every", type=int, default=0, help="also report accuracy every N steps")
     args = parser.parse_args()
-    for folder, count, seed in ((args.train, 1500, 101), (args.val, VAL_SCENES, 202)):
+    for folder, count, seed in ((args.train, args.train_scenes, 101), (args.val, VAL_SCENES, 202)):
         if not (Path(folder) / "annotations.json").is_file():
             write_dataset(folder, count, seed)
     torch.manual_seed(0)
@@ -95,8 +116,9 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             return head(model(pixels).fpn_hidden_states[0]).float()
 
-    started = time.perf_counter()
+    training_seconds = 0.0
     for step in range(args.steps):
+        started = time.perf_counter()
         rng = np.random.default_rng([0, step])
         pixels, labels = batch(train, rng.choice(len(train), 8), rng, mask_size)
         loss = torch.nn.functional.cross_entropy(forward(pixels), labels, weight=class_weights)
@@ -105,24 +127,14 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        training_seconds += time.perf_counter() - started
         if step % 100 == 0:
             print(step, round(loss.item(), 3), flush=True)
-    seconds = (time.perf_counter() - started) / args.steps
-    model.eval()
-    shape_right = color_right = pixels_seen = 0
-    colors = len(COLORS)  # category numbers run shape-major: number - 1 = shape * colors + color
-    with torch.no_grad():
-        for start in range(0, min(VAL_SCENES, len(val)), 10):
-            pixels, labels = batch(val, range(start, min(start + 10, len(val))), np.random.default_rng(start), mask_size)
-            predicted = forward(pixels).argmax(1)
-            on_object = labels > 0
-            p, t = predicted[on_object] - 1, labels[on_object] - 1
-            found = p >= 0
-            shape_right += ((p // colors == t // colors) & found).sum().item()
-            color_right += ((p % colors == t % colors) & found).sum().item()
-            pixels_seen += len(t)
-    print(json.dumps({"variant": args.variant, "steps": args.steps, "lr": args.lr, "seconds_per_step": round(seconds, 2),
-                      "shape_accuracy": round(shape_right / pixels_seen, 3), "color_accuracy": round(color_right / pixels_seen, 3)}))
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            print(json.dumps({"step": step + 1, **accuracy(forward, model, val, mask_size)}), flush=True)
+            model.train()
+    print(json.dumps({"variant": args.variant, "steps": args.steps, "lr": args.lr, "seconds_per_step": round(training_seconds / args.steps, 2),
+                      **accuracy(forward, model, val, mask_size)}))
 
 
 if __name__ == "__main__":
