@@ -117,7 +117,10 @@ def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
     What limits the result (test mIoU 0.44, no better at step 1800 than at 1465): every query
     scores ~0.2, matched or not, so masks are picked by a coin toss; and shape-only prompts
     ("star") were rarely drawn as negatives, so nearly every absent one finds something.
-    `demo_third_stage` is the experiment against both; it is not part of the recipe yet."""
+    `demo_third_stage` is the experiment against both; it is not part of the recipe yet. Below
+    both lies the main limit: the vision encoder learns colors but not shapes (object pixels get
+    the right color 99% of the time, the right shape 35%), so shape-only prompts find no good
+    mask in any query; runs/demo-checkpoint/RESUME.md has the measurements."""
     from .criterion import LossWeights
     from .loop import CHECKPOINT_DIR, TrainConfig
 
