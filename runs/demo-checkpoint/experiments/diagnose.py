@@ -84,7 +84,8 @@ def pixel_accuracy(checkpoint: str, data: CocoSegmentationData, scenes: int) -> 
 
 def pooled_shape_probe(checkpoint: str, train: CocoSegmentationData, val: CocoSegmentationData, scenes: tuple[int, int]) -> float:
     """Validation accuracy of a linear probe naming each object's shape from the mean of its
-    finest vision features: can the shape be read from the features object by object?"""
+    finest vision features: can the shape be read from the features object by object? (Objects
+    of one category in a scene are pooled together: the category map does not tell them apart.)"""
     from transformers import Sam3Model, Sam3Processor
 
     model = Sam3Model.from_pretrained(checkpoint).eval()
