@@ -68,21 +68,29 @@ def batch(data: CocoSegmentationData, indices, rng, mask_size: int):
     return torch.from_numpy(np.stack([s.pixels for s in samples])), torch.from_numpy(np.stack([s.categories for s in samples]))
 
 
+def right_shape_and_color(predicted: torch.Tensor, truth: torch.Tensor) -> tuple[int, int]:
+    """How many predicted categories have the true one's shape, and how many its color. Both hold
+    category numbers minus one, which run shape-major (shape * colors + color); -1 is background."""
+    colors, found = len(COLORS), predicted >= 0
+    shapes_right = ((predicted // colors == truth // colors) & found).sum().item()
+    colors_right = ((predicted % colors == truth % colors) & found).sum().item()
+    return int(shapes_right), int(colors_right)
+
+
 def accuracy(forward, model: torch.nn.Module, val: CocoSegmentationData, mask_size: int) -> dict[str, float]:
     """Shape and color accuracy of the predicted category on the object pixels of the first
     VAL_SCENES validation scenes."""
     model.eval()
     shape_right = color_right = pixels_seen = 0
-    colors = len(COLORS)  # category numbers run shape-major: number - 1 = shape * colors + color
     with torch.no_grad():
         for start in range(0, min(VAL_SCENES, len(val)), 10):
             pixels, labels = batch(val, range(start, min(start + 10, len(val))), np.random.default_rng(start), mask_size)
             predicted = forward(pixels).argmax(1)
             on_object = labels > 0
             p, t = predicted[on_object] - 1, labels[on_object] - 1
-            found = p >= 0
-            shape_right += ((p // colors == t // colors) & found).sum().item()
-            color_right += ((p % colors == t % colors) & found).sum().item()
+            shapes, colors = right_shape_and_color(p, t)
+            shape_right += shapes
+            color_right += colors
             pixels_seen += len(t)
     return {"shape_accuracy": round(shape_right / pixels_seen, 3), "color_accuracy": round(color_right / pixels_seen, 3)}
 

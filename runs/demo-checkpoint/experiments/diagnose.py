@@ -14,19 +14,20 @@ Prints, per prompt kind ("blue star" vs "star"):
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from backbone_proxy import right_shape_and_color  # the sibling script
 from sam3studio.evaluate import collect, score
 from sam3studio.segmenter import load_segmenter
-from sam3studio.train.data import CocoSegmentationData
+from sam3studio.train.data import CocoSegmentationData, TrainingSample
+from sam3studio.train.presets import PROMPT_KINDS as KINDS
+from sam3studio.train.presets import cases_of_kind
 from sam3studio.train.shapes import COLORS, write_dataset
-
-KINDS = {"color + shape": lambda name: " " in name, "shape only": lambda name: " " not in name}
 
 
 def oracle_ious(cases) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -49,56 +50,54 @@ def oracle_ious(cases) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     return {k: np.asarray(v) for k, v in best.items()}, {k: np.asarray(v) for k, v in sizes.items()}
 
 
-def pixel_accuracy(checkpoint: str, data: CocoSegmentationData, scenes: int) -> tuple[float, float]:
+def samples(data: CocoSegmentationData, images, count: int) -> Iterator[TrainingSample]:
+    """The first `count` scenes as the model sees them, unflipped, with per-pixel category numbers."""
+    for index in range(min(count, len(data))):
+        yield data.sample(index, np.random.default_rng(index), input_size=images.size["height"], mask_size=images.mask_size["height"],
+                          mean=images.image_mean, std=images.image_std, flip=False)
+
+
+def finest_features(model, sample: TrainingSample) -> torch.Tensor:
+    with torch.no_grad():
+        return model.get_vision_features(pixel_values=torch.from_numpy(sample.pixels[None])).fpn_hidden_states[0]
+
+
+def pixel_accuracy(checkpoint: str, model, processor, data: CocoSegmentationData, scenes: int) -> tuple[float, float]:
     """(shape, color) accuracy on object pixels of the category head over the vision features."""
     from safetensors.torch import load_file
-    from transformers import Sam3Model, Sam3Processor
 
     from sam3studio.train.loop import CATEGORY_HEAD_FILE, CategoryHead
 
-    model = Sam3Model.from_pretrained(checkpoint).eval()
-    processor = Sam3Processor.from_pretrained(checkpoint)
     head = CategoryHead(model.config.vision_config.fpn_hidden_size, model.config.detr_encoder_config.hidden_size)
     head.load_state_dict(load_file(f"{checkpoint}/{CATEGORY_HEAD_FILE}"))
     names = [data.categories[c]["name"] for c in sorted(data.category_number)]
     tokens = processor.tokenizer(names, padding="max_length", max_length=32, return_tensors="pt")
-    images = processor.image_processor
-    colors = len(COLORS)
     shape_right = color_right = seen = 0
     with torch.no_grad():
         text = model.get_text_features(**tokens).pooler_output
         valid = tokens["attention_mask"][..., None].float()
         text = (text * valid).sum(1) / valid.sum(1)
-        for index in range(min(scenes, len(data))):
-            sample = data.sample(index, np.random.default_rng(index), input_size=images.size["height"], mask_size=images.mask_size["height"],
-                                 mean=images.image_mean, std=images.image_std, flip=False)
-            features = model.get_vision_features(pixel_values=torch.from_numpy(sample.pixels[None])).fpn_hidden_states[0]
-            predicted = head(features, text)[0, 1:].argmax(0).numpy()  # best category, background aside
-            on_object = sample.categories > 0
-            p, t = predicted[on_object], sample.categories[on_object] - 1
-            shape_right += int((p // colors == t // colors).sum())
-            color_right += int((p % colors == t % colors).sum())
-            seen += len(t)
+        for sample in samples(data, processor.image_processor, scenes):
+            predicted = head(finest_features(model, sample), text)[0, 1:].argmax(0)  # best category, background aside
+            on_object = torch.from_numpy(sample.categories > 0)
+            truth = torch.from_numpy(sample.categories)[on_object] - 1
+            shapes, colors = right_shape_and_color(predicted[on_object], truth)
+            shape_right += shapes
+            color_right += colors
+            seen += len(truth)
     return shape_right / seen, color_right / seen
 
 
-def pooled_shape_probe(checkpoint: str, train: CocoSegmentationData, val: CocoSegmentationData, scenes: tuple[int, int]) -> float:
+def pooled_shape_probe(model, images, train: CocoSegmentationData, val: CocoSegmentationData, scenes: tuple[int, int]) -> float:
     """Validation accuracy of a linear probe naming each object's shape from the mean of its
     finest vision features: can the shape be read from the features object by object? (Objects
     of one category in a scene are pooled together: the category map does not tell them apart.)"""
-    from transformers import Sam3Model, Sam3Processor
-
-    model = Sam3Model.from_pretrained(checkpoint).eval()
-    images = Sam3Processor.from_pretrained(checkpoint).image_processor
     colors = len(COLORS)
 
     def pooled(data: CocoSegmentationData, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         features, shapes = [], []
-        for index in range(min(count, len(data))):
-            sample = data.sample(index, np.random.default_rng(index), input_size=images.size["height"], mask_size=images.mask_size["height"],
-                                 mean=images.image_mean, std=images.image_std, flip=False)
-            with torch.no_grad():
-                level0 = model.get_vision_features(pixel_values=torch.from_numpy(sample.pixels[None])).fpn_hidden_states[0][0]
+        for sample in samples(data, images, count):
+            level0 = finest_features(model, sample)[0]
             labels = torch.from_numpy(sample.categories)
             for category in labels.unique().tolist():
                 if category:
@@ -143,13 +142,17 @@ def main() -> None:
                 print(f"  objects {low:.1f}-{high:.1f} of the image side: {within.sum()}, oracle mIoU {best[within].mean():.3f}")
     for threshold in (float(t) for t in args.thresholds.split(",")):
         for kind, keep in {"all": lambda name: True, **KINDS}.items():
-            subset = [replace(c, truth={n: m for n, m in c.truth.items() if keep(n)}, negatives=[n for n in c.negatives if keep(n)]) for c in cases]
+            subset = cases_of_kind(cases, keep)
             r = score(subset, threshold)
-            print(f"threshold {threshold:.2f} {kind:>13}: mIoU {r.miou:.3f}, precision@0.5 {r.precision_at_50:.3f}, "
+            print(f"threshold {threshold:.2f} {kind:>27}: mIoU {r.miou:.3f}, precision@0.5 {r.precision_at_50:.3f}, "
                   f"recall@0.5 {r.recall_at_50:.3f}, FP absent {r.negative_fp_rate:.3f} of {sum(len(c.negatives) for c in subset)}")
-    shape, color = pixel_accuracy(args.checkpoint, data, 100)
+    from transformers import Sam3Model, Sam3Processor
+
+    model = Sam3Model.from_pretrained(args.checkpoint).eval()
+    processor = Sam3Processor.from_pretrained(args.checkpoint)
+    shape, color = pixel_accuracy(args.checkpoint, model, processor, data, 100)
     print(f"object pixels (100 scenes), category head: shape accuracy {shape:.3f}, color accuracy {color:.3f}")
-    probed = pooled_shape_probe(args.checkpoint, CocoSegmentationData(args.train), data, (600, 100))
+    probed = pooled_shape_probe(model, processor.image_processor, CocoSegmentationData(args.train), data, (600, 100))
     print(f"objects, mean-pooled features, linear probe (600 training scenes, 100 validation): shape accuracy {probed:.3f}")
 
 

@@ -205,11 +205,12 @@ def _by_prompt_kind(cases: list, threshold: float) -> list[dict]:
     """The test scores of each kind of prompt on its own: a model can know colors before shapes."""
     from ..evaluate import score
 
-    reports = []
-    for label, keep in PROMPT_KINDS.items():
-        subset = [replace(c, truth={n: m for n, m in c.truth.items() if keep(n)}, negatives=[n for n in c.negatives if keep(n)]) for c in cases]
-        reports.append(score(subset, threshold, label=label).as_dict())
-    return reports
+    return [score(cases_of_kind(cases, keep), threshold, label=label).as_dict() for label, keep in PROMPT_KINDS.items()]
+
+
+def cases_of_kind(cases: list, keep) -> list:
+    """The evaluation cases with only the prompts (present and absent) whose names `keep` accepts."""
+    return [replace(c, truth={n: m for n, m in c.truth.items() if keep(n)}, negatives=[n for n in c.negatives if keep(n)]) for c in cases]
 
 
 def _model_card(threshold: float, notes: dict, reports: list[dict]) -> str:
