@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from sam3studio.train.criterion import LossWeights, Predictions, match, set_criterion
+from sam3studio.train.criterion import LossWeights, Predictions, category_loss, match, set_criterion
 from sam3studio.train.data import PromptTarget
 
 M = 16
@@ -125,3 +125,15 @@ def test_quality_targets_reward_scores_that_rank_queries_by_iou():
     silent.logits[:, 0, 1], silent.logits[:, 0, 2] = 4.0, -4.0
     assert set_criterion(silent, target)["classification"] < set_criterion(ranked, target)["classification"]
     assert good < set_criterion(silent, target, quality_targets=True)["classification"]
+
+
+def test_category_loss_weighs_background_pixels_as_asked():
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, 1:3, 1:3] = 2
+    logits = torch.full((1, 3, 4, 4), -5.0)
+    logits[:, 2] = 5.0  # every pixel called category 2: right on the object, wrong on the background
+    plain, light, none = (category_loss(logits, labels, w).item() for w in (1.0, 0.1, 0.0))
+    assert plain > 5.0 and none < 1e-3
+    per_background_pixel = plain * 16 / 12  # the 4 object pixels cost ~0
+    # a weighted mean: 12 background pixels at weight 0.1 against 4 object pixels at 1
+    assert abs(light - per_background_pixel * 12 * 0.1 / (12 * 0.1 + 4)) < 1e-3 * plain

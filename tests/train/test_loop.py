@@ -195,6 +195,23 @@ def test_supercategory_loss_labels_pixels_by_shape(shapes, tiny_checkpoint, tmp_
     assert losses["supercategory"] > 0 and losses["category"] > 0
 
 
+def test_dense_only_trains_the_encoders_and_leaves_the_decoders_alone(shapes, tiny_checkpoint, tmp_path):
+    from sam3studio.train.criterion import LossWeights
+
+    config = _config(shapes, tiny_checkpoint, tmp_path, dense_only=True, steps=30, weights=LossWeights(category=1.0, category_background=0.1))
+    model, processor = load_for_training(config)
+    before = _weights(model)
+    trainer = train(config)
+    after = _weights(trainer.model)
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"vision_encoder", "text_encoder", "text_projection"}, changed
+    assert set(trainer.history[0]["losses"]) == {"category", "total"}
+    totals = [entry["losses"]["total"] for entry in trainer.history]
+    assert np.mean(totals[-5:]) < 0.8 * np.mean(totals[:5]), totals
+    with pytest.raises(ValueError, match="category losses alone"):
+        Trainer(_config(shapes, tiny_checkpoint, tmp_path / "none", dense_only=True), model, processor)
+
+
 def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(shapes, tiny_checkpoint, tmp_path):
     half = train(_config(shapes, tiny_checkpoint, tmp_path), on_log=_stop_after(3))
     state_file = tmp_path / CHECKPOINT_DIR / "trainer_state.json"

@@ -125,12 +125,20 @@ def main() -> None:
     parser.add_argument("--train", default="/tmp/shapes/train", help="scenes for the shape probe to learn from")
     parser.add_argument("--scenes", type=int, default=60)
     parser.add_argument("--thresholds", default="0.1,0.2,0.3,0.5")
+    parser.add_argument("--features-only", action="store_true", help="only the vision features (a checkpoint of the encoder stage)")
     args = parser.parse_args()
     if not Path(args.val, "annotations.json").is_file():
         write_dataset(args.val, 200, 202)  # the demo recipe's validation split
     if not Path(args.train, "annotations.json").is_file():
         write_dataset(args.train, 600, 101)
     data = CocoSegmentationData(args.val)
+    if not args.features_only:
+        queries(args, data)
+    features(args, data)
+
+
+def queries(args, data: CocoSegmentationData) -> None:
+    """Oracle and scored metrics of the model's answers, per prompt kind."""
     seg = load_segmenter(args.checkpoint, precision="fp32", device="cpu", force_precision=True)
     cases, _ = collect(seg, data, precision="fp32", limit=args.scenes)
     oracle, sizes = oracle_ious(cases)
@@ -146,6 +154,10 @@ def main() -> None:
             r = score(subset, threshold)
             print(f"threshold {threshold:.2f} {kind:>27}: mIoU {r.miou:.3f}, precision@0.5 {r.precision_at_50:.3f}, "
                   f"recall@0.5 {r.recall_at_50:.3f}, FP absent {r.negative_fp_rate:.3f} of {sum(len(c.negatives) for c in subset)}")
+
+
+def features(args, data: CocoSegmentationData) -> None:
+    """What the vision features know: per pixel through the category head, per object by a probe."""
     from transformers import Sam3Model, Sam3Processor
 
     model = Sam3Model.from_pretrained(args.checkpoint).eval()

@@ -28,6 +28,7 @@ class LossWeights:
     aux: float = 1.0  # weight of the class and box losses of the earlier decoder layers
     category: float = 0.0  # dense per-pixel category loss on the vision features (0: off)
     supercategory: float = 0.0  # the same against supercategory names ("star" for stars of any color)
+    category_background: float = 1.0  # weight of background pixels within those two losses
 
 
 @dataclass
@@ -189,11 +190,17 @@ def _semantic_loss(semantic: torch.Tensor, targets: list[PromptTarget]) -> torch
     return bce + dice
 
 
-def category_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of per-pixel category logits (B, K+1, M, M) against labels (B, M, M).
+def category_loss(logits: torch.Tensor, labels: torch.Tensor, background_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of per-pixel category logits (B, K+1, M, M) against labels (B, M, M),
+    background (class 0) weighted `background_weight`: most pixels are background, and at full
+    weight they are most of what the features learn.
 
     Why: the vision encoder otherwise learns only through the prompt-conditioned heads, one
     matched query at a time; telling it directly which pixels are which category (scored
     against the text of each category name, see `loop.CategoryHead`) gives it features the
     text can select from, and the text features something to select with."""
-    return F.cross_entropy(logits.float(), labels.to(logits.device))
+    weight = None  # at 1.0, exactly the unweighted loss the shipped recipe trained with
+    if background_weight != 1.0:
+        weight = torch.ones(logits.shape[1], device=logits.device)
+        weight[0] = background_weight
+    return F.cross_entropy(logits.float(), labels.to(logits.device), weight=weight)

@@ -148,6 +148,20 @@ def demo_third_stage(out: str, data: str, steps: int = 1000):
                        weights=LossWeights(category=2.0, supercategory=2.0, presence=3.0, mask_focal=20.0), **_DEMO_COMMON, data=data)
 
 
+def demo_encoder_stage(out: str, data: str, steps: int = 6000, lr: float = 3e-3):
+    """An experiment toward the next recipe (in `out`/encoder, from scratch): the vision and
+    text encoders alone, on the per-pixel losses against category and shape names, 8 images a
+    step at a high rate, so that the features know shapes before any decoder trains on them
+    (see `Trainer.dense_losses`). Background pixels weigh 0.1, as in the backbone measurements
+    of runs/demo-checkpoint/RESUME.md, or they are most of what is learned."""
+    from .criterion import LossWeights
+    from .loop import TrainConfig
+
+    weights = LossWeights(category=1.0, supercategory=1.0, category_background=0.1)
+    return TrainConfig(out=str(Path(out) / "encoder"), data=data, steps=steps, images_per_step=8, dense_only=True, lr=lr, warmup_steps=100,
+                       weights=weights, weight_decay=0.05, checkpoint_every=250, log_every=50, precision="auto", seed=0)
+
+
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
     """Render the demo's train / val / test shapes datasets under `root`, unless already there."""
     from .shapes import write_dataset
