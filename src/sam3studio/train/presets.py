@@ -148,7 +148,7 @@ def demo_third_stage(out: str, data: str, steps: int = 1000):
                        weights=LossWeights(category=2.0, supercategory=2.0, presence=3.0, mask_focal=20.0), **_DEMO_COMMON, data=data)
 
 
-def demo_encoder_stage(out: str, data: str, steps: int = 6000, lr: float = 3e-3):
+def demo_encoder_stage(out: str, data: str, steps: int = 4000, lr: float = 3e-3):
     """An experiment toward the next recipe (in `out`/encoder, from scratch): the vision and
     text encoders alone, on the per-pixel losses against category and shape names, 8 images a
     step at a high rate, so that the features know shapes before any decoder trains on them
