@@ -162,6 +162,20 @@ def demo_encoder_stage(out: str, data: str, steps: int = 4000, lr: float = 3e-3)
                        weights=weights, weight_decay=0.05, checkpoint_every=250, log_every=50, precision="auto", seed=0)
 
 
+def demo_detector_stage(out: str, data: str, steps: int = 3000):
+    """The full model trained from `demo_encoder_stage`'s encoders (in `out`/detector), with
+    `demo_third_stage`'s losses (scores that rank queries by IoU; absent shapes among the
+    negatives) and the category losses kept on at the encoder stage's background weight. The
+    rate is the recipe's 3e-4: what changes against the shipped recipe is where the encoders
+    start, not how the decoder learns."""
+    from .criterion import LossWeights
+    from .loop import CHECKPOINT_DIR, TrainConfig
+
+    weights = LossWeights(category=2.0, supercategory=2.0, category_background=0.1, presence=3.0, mask_focal=20.0)
+    return TrainConfig(out=str(Path(out) / "detector"), model=str(Path(out) / "encoder" / CHECKPOINT_DIR), steps=steps, negatives_per_image=3,
+                       coarse_negatives=1, quality_targets=True, lr=3e-4, warmup_steps=100, weights=weights, **_DEMO_COMMON, data=data)
+
+
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
     """Render the demo's train / val / test shapes datasets under `root`, unless already there."""
     from .shapes import write_dataset
