@@ -120,7 +120,8 @@ def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
     `demo_third_stage` is the experiment against both; it is not part of the recipe yet. Below
     both lies the main limit: the vision encoder learns colors but not shapes (object pixels get
     the right color 99% of the time, the right shape 35%), so shape-only prompts find no good
-    mask in any query; runs/demo-checkpoint/RESUME.md has the measurements."""
+    mask in any query; runs/demo-checkpoint/RESUME.md has the measurements. `demo_encoder_stage`
+    followed by `demo_detector_stage` is the recipe being tried against it."""
     from .criterion import LossWeights
     from .loop import CHECKPOINT_DIR, TrainConfig
 
