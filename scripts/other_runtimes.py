@@ -1,0 +1,182 @@
+"""Image encoding of a SAM3 checkpoint in torch (as sam3studio runs it) against ONNX Runtime and
+torch.compile, on this machine: the measurement behind "Other runtimes" in docs/benchmarks.md.
+
+    .venv/bin/pip install onnxruntime onnx onnxscript      # not project dependencies
+    .venv/bin/python scripts/other_runtimes.py --model bench/full/model-full-random --out /tmp/runtimes
+
+Image encoding is the part another runtime could speed up: it is 90% of a new image's time at
+full size and all matrix multiplication, while the prompt path is attention over image tokens,
+already at torch's flash-attention speed. So the vision encoder alone is exported (ONNX, from
+the plain transformers model: sam3studio's faster RoPE uses complex numbers, which ONNX lacks)
+and every runtime encodes the same images; modes alternate image by image in one process
+(these machines drift by ±15% over minutes), the first image of each is a warm-up, and medians
+are printed with the CPU and each output's largest difference from torch fp32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sam3studio import load_segmenter
+from sam3studio.precision import cpu_info
+
+Encoder = Callable[[torch.Tensor], list[np.ndarray]]
+
+
+@contextlib.contextmanager
+def plain_rope():
+    """transformers' own RoPE while exporting or compiling: sam3studio's (installed process-wide
+    by its first Segmenter) takes complex numbers and a data-dependent check, which neither
+    torch.export nor ONNX takes."""
+    from transformers.models.sam3 import modeling_sam3
+
+    installed = modeling_sam3.apply_rotary_pos_emb_2d
+    modeling_sam3.apply_rotary_pos_emb_2d = getattr(installed, "_sam3studio_original", installed)
+    try:
+        yield
+    finally:
+        modeling_sam3.apply_rotary_pos_emb_2d = installed
+
+
+class VisionFeatures(torch.nn.Module):
+    """The vision encoder's FPN feature maps (what the prompt path reads) as a plain tuple."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model.get_vision_features(pixel_values=pixel_values).fpn_hidden_states)
+
+
+def torch_encoder(model_path: str, precision: str) -> Encoder:
+    """sam3studio's own path: its precision plan, weights dtype and speedups."""
+    seg = load_segmenter(model_path, precision=precision, device="cpu", force_precision=True)
+
+    def encode(pixels: torch.Tensor) -> list[np.ndarray]:
+        with torch.inference_mode(), seg.plan_for(precision).autocast():
+            maps = seg.model.get_vision_features(pixel_values=pixels).fpn_hidden_states
+        return [m.float().numpy() for m in maps]
+
+    return encode
+
+
+def compiled_encoder(model_path: str) -> Encoder:
+    """torch.compile (inductor) of the plain fp32 vision encoder; compiling happens on the first call."""
+    from transformers import Sam3Model
+
+    module = torch.compile(VisionFeatures(Sam3Model.from_pretrained(model_path, use_safetensors=True).eval()))
+
+    def encode(pixels: torch.Tensor) -> list[np.ndarray]:
+        with torch.inference_mode(), plain_rope():
+            return [m.numpy() for m in module(pixels)]
+
+    return encode
+
+
+def export_onnx(model_path: str, pixels: torch.Tensor, folder: Path) -> tuple[Path, float]:
+    """The plain fp32 vision encoder as ONNX (weights as external data: over 2 GB at full size)."""
+    from transformers import Sam3Model
+
+    path = folder / "vision.onnx"
+    started = time.perf_counter()
+    if not path.is_file():
+        module = VisionFeatures(Sam3Model.from_pretrained(model_path, use_safetensors=True).eval())
+        with torch.inference_mode(), plain_rope():
+            torch.onnx.export(module, (pixels,), str(path), input_names=["pixel_values"], dynamo=True, external_data=True)
+    return path, time.perf_counter() - started
+
+
+def quantize_onnx(path: Path) -> tuple[Path, float]:
+    """ONNX Runtime's dynamic int8 quantization of every MatMul, the counterpart of sam3studio's int8."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name("vision-int8.onnx")
+    started = time.perf_counter()
+    if not quantized.is_file():
+        quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=True)
+    return quantized, time.perf_counter() - started
+
+
+def onnx_encoder(path: Path) -> Encoder:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def encode(pixels: torch.Tensor) -> list[np.ndarray]:
+        return session.run(None, {"pixel_values": pixels.numpy()})
+
+    return encode
+
+
+def largest_difference(maps: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Largest absolute difference over all maps, relative to the reference's largest value."""
+    scale = max(float(np.abs(r).max()) for r in reference)
+    return max(float(np.abs(m - r).max()) for m, r in zip(maps, reference)) / scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a SAM3 checkpoint folder (sam3studio bench writes full-random's)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the exported ONNX files")
+    parser.add_argument("--images", type=int, default=3, help="timed images per runtime, after one warm-up")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling at full size)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    cpu = cpu_info()
+    print(f"CPU: {cpu.model}; bf16 flags: {', '.join(cpu.bf16_flags) or 'none'}; {torch.get_num_threads()} threads")
+    seg = load_segmenter(args.model, precision="fp32", device="cpu")
+    processor = seg.processor.image_processor
+    rng = np.random.default_rng(0)
+    images = [processor(images=rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8), return_tensors="pt")["pixel_values"]
+              for _ in range(args.images + 1)]
+    del seg
+
+    onnx_path, seconds = export_onnx(args.model, images[0], args.out)
+    print(f"ONNX export: {seconds:.0f} s")
+    int8_path, seconds = quantize_onnx(onnx_path)
+    print(f"ONNX Runtime int8 quantization: {seconds:.0f} s")
+    encoders: dict[str, Encoder] = {
+        "torch fp32": torch_encoder(args.model, "fp32"),
+        "torch auto": torch_encoder(args.model, "auto"),
+        "torch int8": torch_encoder(args.model, "int8"),
+        "onnxruntime fp32": onnx_encoder(onnx_path),
+        "onnxruntime int8": onnx_encoder(int8_path),
+    }
+    if args.compile:
+        encoders["torch.compile fp32"] = compiled_encoder(args.model)
+
+    seconds: dict[str, list[float]] = {name: [] for name in encoders}
+    outputs: dict[str, list[np.ndarray]] = {}
+    for index, pixels in enumerate(images):
+        for name, encode in encoders.items():
+            started = time.perf_counter()
+            maps = encode(pixels)
+            if index > 0:
+                seconds[name].append(time.perf_counter() - started)
+            else:
+                print(f"{name}: first call {time.perf_counter() - started:.1f} s")
+            if index == len(images) - 1:
+                outputs[name] = maps
+    reference = outputs["torch fp32"]
+    base = statistics.median(seconds["torch fp32"])
+    print(f"\nimage encoding, {tuple(images[0].shape[-2:])} input, medians of {args.images}:")
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"{name:20s} {median:7.2f} s  x{median / base:.2f} of torch fp32   largest difference {largest_difference(outputs[name], reference):.1e}")
+
+
+if __name__ == "__main__":
+    main()
