@@ -16,7 +16,6 @@ are printed with the CPU and each output's largest difference from torch fp32's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -26,35 +25,10 @@ import numpy as np
 import torch
 
 from sam3studio import load_segmenter
+from sam3studio.onnx_vision import VisionFeatures, plain_rope
 from sam3studio.precision import cpu_info
 
 Encoder = Callable[[torch.Tensor], list[np.ndarray]]
-
-
-@contextlib.contextmanager
-def plain_rope():
-    """transformers' own RoPE while exporting or compiling: sam3studio's (installed process-wide
-    by its first Segmenter) takes complex numbers and a data-dependent check, which neither
-    torch.export nor ONNX takes."""
-    from transformers.models.sam3 import modeling_sam3
-
-    installed = modeling_sam3.apply_rotary_pos_emb_2d
-    modeling_sam3.apply_rotary_pos_emb_2d = getattr(installed, "_sam3studio_original", installed)
-    try:
-        yield
-    finally:
-        modeling_sam3.apply_rotary_pos_emb_2d = installed
-
-
-class VisionFeatures(torch.nn.Module):
-    """The vision encoder's FPN feature maps (what the prompt path reads) as a plain tuple."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.model.get_vision_features(pixel_values=pixel_values).fpn_hidden_states)
 
 
 def torch_encoder(model_path: str, precision: str) -> Encoder:
@@ -77,7 +51,8 @@ def compiled_encoder(model_path: str) -> Encoder:
 
     def encode(pixels: torch.Tensor) -> list[np.ndarray]:
         with torch.inference_mode(), plain_rope():
-            return [m.numpy() for m in module(pixels)]
+            outputs = module(pixels)
+            return [m.numpy() for m in outputs[: len(outputs) // 2]]  # the maps; then their position encodings
 
     return encode
 
@@ -91,7 +66,7 @@ def export_onnx(model_path: str, pixels: torch.Tensor, folder: Path) -> tuple[Pa
     if not path.is_file():
         module = VisionFeatures(Sam3Model.from_pretrained(model_path, use_safetensors=True).eval())
         with torch.inference_mode(), plain_rope():
-            torch.onnx.export(module, (pixels,), str(path), input_names=["pixel_values"], dynamo=True, external_data=True)
+            torch.onnx.export(module.eval(), (pixels,), str(path), input_names=["pixel_values"], dynamo=True, external_data=True)
     return path, time.perf_counter() - started
 
 
@@ -115,7 +90,8 @@ def onnx_encoder(path: Path) -> Encoder:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def encode(pixels: torch.Tensor) -> list[np.ndarray]:
-        return session.run(None, {"pixel_values": pixels.numpy()})
+        outputs = session.run(None, {"pixel_values": pixels.numpy()})
+        return outputs[: len(outputs) // 2]  # the maps; then their position encodings
 
     return encode
 
@@ -132,6 +108,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the exported ONNX files")
     parser.add_argument("--images", type=int, default=3, help="timed images per runtime, after one warm-up")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling at full size)")
+    parser.add_argument("--only", default="", help="comma-separated runtimes to time besides torch fp32, e.g. 'torch int8,onnxruntime int8'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -148,15 +125,19 @@ def main() -> None:
     print(f"ONNX export: {seconds:.0f} s")
     int8_path, seconds = quantize_onnx(onnx_path)
     print(f"ONNX Runtime int8 quantization: {seconds:.0f} s")
-    encoders: dict[str, Encoder] = {
-        "torch fp32": torch_encoder(args.model, "fp32"),
-        "torch auto": torch_encoder(args.model, "auto"),
-        "torch int8": torch_encoder(args.model, "int8"),
-        "onnxruntime fp32": onnx_encoder(onnx_path),
-        "onnxruntime int8": onnx_encoder(int8_path),
+    makers: dict[str, Callable[[], Encoder]] = {
+        "torch fp32": lambda: torch_encoder(args.model, "fp32"),
+        "torch auto": lambda: torch_encoder(args.model, "auto"),
+        "torch int8": lambda: torch_encoder(args.model, "int8"),
+        "onnxruntime fp32": lambda: onnx_encoder(onnx_path),
+        "onnxruntime int8": lambda: onnx_encoder(int8_path),
     }
     if args.compile:
-        encoders["torch.compile fp32"] = compiled_encoder(args.model)
+        makers["torch.compile fp32"] = lambda: compiled_encoder(args.model)
+    chosen = {name.strip() for name in args.only.split(",") if name.strip()}
+    if unknown := chosen - set(makers):
+        parser.error(f"--only: unknown runtimes {sorted(unknown)}; known: {list(makers)}")
+    encoders = {name: make() for name, make in makers.items() if not chosen or name in chosen or name == "torch fp32"}
 
     seconds: dict[str, list[float]] = {name: [] for name in encoders}
     outputs: dict[str, list[np.ndarray]] = {}
@@ -175,7 +156,8 @@ def main() -> None:
     print(f"\nimage encoding, {tuple(images[0].shape[-2:])} input, medians of {args.images}:")
     for name, values in seconds.items():
         median = statistics.median(values)
-        print(f"{name:20s} {median:7.2f} s  x{median / base:.2f} of torch fp32   largest difference {largest_difference(outputs[name], reference):.1e}")
+        print(f"{name:20s} {median:7.2f} s  x{median / base:.2f} of torch fp32   largest difference {largest_difference(outputs[name], reference):.1e}"
+              f"   each: {', '.join(f'{v:.1f}' for v in values)}")
 
 
 if __name__ == "__main__":

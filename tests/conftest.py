@@ -10,6 +10,16 @@ import pytest
 
 from sam3studio import load_segmenter
 from sam3studio.checkpoints import build_random_checkpoint
+from sam3studio.onnx_vision import CACHE_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> Path:
+    """Exported ONNX graphs go to a test folder, not the user's cache (bench workers inherit it)."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

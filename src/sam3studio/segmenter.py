@@ -25,6 +25,7 @@ from . import postprocess
 from .allocator import reuse_freed_memory
 from .images import ImageInput, load_image
 from .loading import LoadedModel, load_model
+from .onnx_vision import OnnxVisionEncoder, require_onnx
 from .precision import (
     Precision,
     PrecisionError,
@@ -44,6 +45,7 @@ BOX_ONLY_TEXT = "visual"  # the text transformers pairs with box-only prompts
 # Activation memory one detection pass may take (see Segmenter._prompts_per_pass).
 PASS_BUDGET_BYTES = 1_200_000_000
 MAX_PROMPTS_PER_PASS = 64
+BACKENDS = ("torch", "onnxruntime")  # what encodes images; see onnx_vision for when the second pays
 
 
 class LruCache:
@@ -108,7 +110,8 @@ class EncodedImage:
 class Segmenter:
     """SAM3 for text and box prompts, with a precision plan and caches. Thread-safe."""
 
-    def __init__(self, loaded: LoadedModel, plan: PrecisionPlan, *, force_precision: bool = False, cache_size: int = 8):
+    def __init__(self, loaded: LoadedModel, plan: PrecisionPlan, *, force_precision: bool = False, cache_size: int = 8,
+                 image_encoder: OnnxVisionEncoder | None = None):
         reuse_freed_memory()
         self.loaded = loaded
         self.model = loaded.model
@@ -124,6 +127,9 @@ class Segmenter:
         # Raw outputs hold P x Q mask logits (about 66 MB per prompt at full size), so few are kept.
         self._predictions = LruCache(max(1, cache_size // 2))
         self._plans: dict[str, PrecisionPlan] = {plan.requested.value: plan}
+        self.image_encoder = image_encoder
+        if image_encoder is not None:  # its own weights encode images: free torch's before quantizing
+            self.model.vision_encoder = _EncodedElsewhere()
         keep_sensitive_modules_fp32(self.model)
         if self.weights_dtype != torch.float32:
             cast_weights(self.model, self.weights_dtype)
@@ -362,14 +368,20 @@ class Segmenter:
         if encoded is None:
             pixels = self.processor.image_processor(images=picture.rgb, return_tensors="pt")["pixel_values"].to(self.device)
             with torch.inference_mode(), plan.autocast():
-                vision = self.model.get_vision_features(pixel_values=pixels)
-                features = tuple(vision.fpn_hidden_states)
+                features, positions = self._vision_features(pixels)
                 skips = self._pixel_decoder.image_skips(features[:-1])  # the levels Sam3Model passes on
-            encoded = EncodedImage(picture.rgb.shape[:2], features, tuple(vision.fpn_position_encoding), skips)
+            encoded = EncodedImage(picture.rgb.shape[:2], features, positions, skips)
             synchronize(plan.device)
             self.counters["image_encodings"] += 1
             self._images.put(key, encoded)
         return encoded
+
+    def _vision_features(self, pixels: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(FPN maps, their position encodings) of the vision encoder, in torch or ONNX Runtime."""
+        if self.image_encoder is not None:
+            return self.image_encoder(pixels)
+        vision = self.model.get_vision_features(pixel_values=pixels)
+        return tuple(vision.fpn_hidden_states), tuple(vision.fpn_position_encoding)
 
     def _encode_texts(self, texts: list[str], plan: PrecisionPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings (P, 32, D) and attention mask (P, 32), from cache where possible."""
@@ -431,19 +443,47 @@ def load_segmenter(
     revision: str | None = None,
     token: str | None = None,
     cache_size: int = 8,
+    backend: str = "torch",
 ) -> Segmenter:
     """Load a SAM3 model (hub id, local folder or "demo") and wrap it in a Segmenter.
 
     precision: fp32 | fp16 | bf16 | auto, resolved against the device (see `precision.resolve`).
     weights_dtype: None (= auto): bf16/fp16 when `auto` runs that, read straight in that dtype;
     fp32; or bf16/fp16 explicitly, to halve the weights' memory (needs that autocast).
+    backend: "torch", or "onnxruntime" to encode images with ONNX Runtime's int8 (int8 only, on
+    the CPU; the first use of a checkpoint exports it, see `onnx_vision`).
     """
     torch_device = _pick_device(device)
     plan = resolve(precision, torch_device, force=force_precision, weights_dtype=weights_dtype)
+    _check_backend(backend, plan)
     # int8 reads bf16 and quantizes layer by layer (see `quantize_int8`): no fp32 copy of the model.
     read_as = torch.bfloat16 if plan.used is Precision.INT8 else plan.weights_dtype
     loaded = load_model(model, device=torch_device, offline=offline, revision=revision, token=token, weights_dtype=read_as)
-    return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size)
+    image_encoder = None
+    if backend == "onnxruntime":
+        size = loaded.processor.image_processor.size
+        image_encoder = OnnxVisionEncoder.for_checkpoint(loaded.folder, (size["height"], size["width"]))
+    return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size, image_encoder=image_encoder)
+
+
+def _check_backend(backend: str, plan: PrecisionPlan) -> None:
+    if backend not in BACKENDS:
+        raise PrecisionError(f"Unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
+    if backend == "onnxruntime":
+        if plan.used is not Precision.INT8 or plan.device.type != "cpu":
+            raise PrecisionError(
+                f"The onnxruntime backend runs int8 on the CPU only (its fp32 was no faster than torch's here); "
+                f"this load would run {plan.used.value} on {plan.device.type}. Use --precision int8, or the torch backend."
+            )
+        require_onnx()
+
+
+class _EncodedElsewhere(torch.nn.Module):
+    """Stands in for the vision encoder when ONNX Runtime encodes the images, so that torch's
+    copy of its weights (half the model) is not kept for nothing."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("This Segmenter encodes images with ONNX Runtime; the torch vision encoder was freed.")
 
 
 def _pick_device(device: str) -> torch.device:

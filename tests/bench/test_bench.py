@@ -16,18 +16,19 @@ from sam3studio.precision import PrecisionError
 @pytest.fixture(scope="module")
 def bench_results(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    config = BenchConfig(out=str(out), model=str(tiny_checkpoint), precisions=("fp32", "int8"), size=96, images=1, prompts=2)
+    config = BenchConfig(out=str(out), model=str(tiny_checkpoint), precisions=("fp32", "int8", "int8+onnxruntime"), size=96, images=1, prompts=2)
     return run_bench(config, on_progress=lambda _: None), out
 
 
 def test_every_mode_and_the_baseline_are_measured(bench_results):
     results, out = bench_results
-    assert set(results["runs"]) == {"transformers", "fp32", "int8"}
+    assert set(results["runs"]) == {"transformers", "fp32", "int8", "int8+onnxruntime"}
     for run in results["runs"].values():
         assert run["peak_rss_mb"] > 100  # torch alone takes more; a missing measurement would be 0
         assert len(run["timings_ms"]["new_image_1_prompt"]) == 1  # the warm-up image is not reported
         assert all(v > 0 for v in run["timings_ms"]["new_image_1_prompt"])
     assert results["runs"]["int8"]["precision_used"] == "int8"
+    assert results["runs"]["int8+onnxruntime"]["precision_used"] == "int8, images by onnxruntime"
     assert results["machine"]["cpu"]
 
 
@@ -46,6 +47,7 @@ def test_report_gives_ratios_to_the_baseline(bench_results):
 def test_int8_masks_mostly_agree_with_fp32(bench_results):
     results, _ = bench_results
     assert 0.5 < results["mask_agreement"]["int8"] <= 1.0
+    assert 0.5 < results["mask_agreement"]["int8+onnxruntime"] <= 1.0
 
 
 def test_mask_agreement_of_a_mode_with_itself_is_one_and_of_noise_is_low(tmp_path):
@@ -72,3 +74,5 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, changes, messag
 def test_unknown_precision_is_refused(tmp_path):
     with pytest.raises(PrecisionError, match="int8"):
         run_bench(BenchConfig(out=str(tmp_path), precisions=("fp8",)))
+    with pytest.raises(BenchError, match="backend"):
+        run_bench(BenchConfig(out=str(tmp_path), precisions=("int8+tensorrt",)))

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..precision import Precision, cpu_info
-from .worker import BASELINE, WorkerResult, WorkerSpec
+from ..segmenter import BACKENDS
+from .worker import BASELINE, WorkerResult, WorkerSpec, split_mode
 
 FULL_RANDOM = "full-random"
 PROMPTS = ("red circle", "blue square", "green triangle", "yellow star", "purple circle",
@@ -73,7 +74,10 @@ def run_bench(config: BenchConfig, on_progress=print) -> dict:
 
 def _check(config: BenchConfig) -> None:
     for mode in config.precisions:
-        Precision.parse(mode)  # raises PrecisionError naming the choices
+        precision, backend = split_mode(mode)
+        Precision.parse(precision)  # raises PrecisionError naming the choices
+        if backend not in BACKENDS:
+            raise BenchError(f"mode {mode!r}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if not 1 <= config.images <= 100:
         raise BenchError(f"--images {config.images}: measure between 1 and 100 images.")
     if not 1 <= config.prompts <= len(PROMPTS) - 1:

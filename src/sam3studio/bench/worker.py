@@ -28,7 +28,7 @@ BASELINE = "transformers"
 class WorkerSpec:
     model: str  # a folder, or "demo"
     engine: str  # "sam3studio" or BASELINE
-    precision: str  # for sam3studio; the baseline runs fp32
+    precision: str  # a bench mode for sam3studio ("bf16", "int8+onnxruntime": see split_mode); the baseline runs fp32
     images: list[str]  # image files; the first is a warm-up and not reported
     prompts: list[str]  # the first is the one-prompt case, all of them the many-prompt case
     extra_prompt: str  # "one more prompt" on an already encoded image
@@ -74,6 +74,13 @@ def _import_transformers() -> None:
 # --- sam3studio --------------------------------------------------------------------------------
 
 
+def split_mode(mode: str) -> tuple[str, str]:
+    """A bench mode is a precision, optionally with the backend that encodes images:
+    "int8+onnxruntime" -> ("int8", "onnxruntime"); "bf16" -> ("bf16", "torch")."""
+    precision, _, backend = mode.partition("+")
+    return precision, backend or "torch"
+
+
 def measure_sam3studio(spec: WorkerSpec) -> WorkerResult:
     from ..images import load_image
     from ..postprocess import select
@@ -81,7 +88,8 @@ def measure_sam3studio(spec: WorkerSpec) -> WorkerResult:
     from ..types import Prompt
 
     _import_transformers()
-    seg, load_ms = _timed(spec.device, lambda: load_segmenter(spec.model, precision=spec.precision, device=spec.device, force_precision=spec.force_precision))
+    precision, backend = split_mode(spec.precision)
+    seg, load_ms = _timed(spec.device, lambda: load_segmenter(spec.model, precision=precision, device=spec.device, force_precision=spec.force_precision, backend=backend))
     one, many, extra = [Prompt(spec.prompts[0])], [Prompt(p) for p in spec.prompts], [Prompt(spec.extra_prompt)]
     timings: dict[str, list[float]] = {}
     masks: dict[str, np.ndarray] = {}
@@ -108,7 +116,8 @@ def measure_sam3studio(spec: WorkerSpec) -> WorkerResult:
     if spec.masks_out and masks:
         np.savez_compressed(spec.masks_out, **masks)
     plan = seg.default_plan
-    return WorkerResult("sam3studio", plan.requested.value, plan.describe(), load_ms / 1000, timings, quality=quality)
+    used = plan.describe() + (f", images by {backend}" if backend != "torch" else "")
+    return WorkerResult("sam3studio", plan.requested.value, used, load_ms / 1000, timings, quality=quality)
 
 
 def _quality(seg, spec: WorkerSpec) -> dict:
@@ -116,7 +125,7 @@ def _quality(seg, spec: WorkerSpec) -> dict:
     from ..evaluate import collect, score
     from ..train.data import CocoSegmentationData
 
-    cases, _ = collect(seg, CocoSegmentationData(spec.quality_data), precision=spec.precision, limit=spec.quality_limit)
+    cases, _ = collect(seg, CocoSegmentationData(spec.quality_data), precision=split_mode(spec.precision)[0], limit=spec.quality_limit)
     return score(cases, seg.default_threshold, label=spec.precision).as_dict()
 
 

@@ -33,6 +33,7 @@ class ServiceConfig:
     precision: str = "auto"
     device: str = "auto"
     offline: bool | None = None
+    backend: str = "torch"  # or "onnxruntime", with precision int8 (see onnx_vision)
     max_waiting: int = 8  # requests admitted beyond the one running; more get 503
     wait_timeout_s: float = 60.0  # how long an admitted request may wait for the model
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -66,7 +67,8 @@ class SegmentService:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                segmenter = load_segmenter(self.config.model, precision=self.config.precision, device=self.config.device, offline=self.config.offline)
+                segmenter = load_segmenter(self.config.model, precision=self.config.precision, device=self.config.device, offline=self.config.offline,
+                                           backend=self.config.backend)
                 warm = np.full((64, 64, 3), 127, dtype=np.uint8)
                 segmenter.segment(warm, "warm up")
             self.segmenter = segmenter

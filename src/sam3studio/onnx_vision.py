@@ -1,0 +1,161 @@
+"""Image encoding through ONNX Runtime with dynamic int8 weights, the one other runtime that beat
+torch here: at full size on a Zen 4 it encoded a 1008 px image in 16.0 s against torch int8's
+22.8 s (medians of 5, alternating in one process; scripts/other_runtimes.py), with outputs
+nearer fp32's. ONNX Runtime's fp32 was no faster than torch's (43.4 s against 40.1 s), so only
+int8 goes through it, and only the vision encoder: the prompt path is attention over image
+tokens, already at torch's flash-attention speed.
+
+The graph is exported from the checkpoint's fp32 weights the first time a model is used this
+way (at full size ~2 minutes and ~7 GB of memory, once) and kept in a cache folder keyed by the
+checkpoint's files, so later loads read the int8 graph straight away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .loading import ModelLoadError
+
+CACHE_ENV = "SAM3_ONNX_CACHE"
+GRAPH_FILE = "vision-int8.onnx"
+_EXPORT_VERSION = 1  # bump when the exported graph or its quantization changes
+
+
+class OnnxUnavailableError(ModelLoadError):
+    """The onnxruntime backend was asked for without its packages installed."""
+
+
+class VisionFeatures(torch.nn.Module):
+    """The vision encoder's FPN maps and their position encodings as plain tuples: what
+    `Sam3Model.get_vision_features` gives the prompt path."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vision = self.model.get_vision_features(pixel_values=pixel_values)
+        return (*vision.fpn_hidden_states, *vision.fpn_position_encoding)
+
+
+@contextlib.contextmanager
+def plain_rope() -> Iterator[None]:
+    """transformers' own RoPE while exporting or compiling: sam3studio's (installed process-wide
+    by its first Segmenter, see `speedups.install_complex_rope`) takes complex numbers and a
+    data-dependent check, which neither torch.export nor ONNX takes."""
+    from transformers.models.sam3 import modeling_sam3
+
+    installed = modeling_sam3.apply_rotary_pos_emb_2d
+    modeling_sam3.apply_rotary_pos_emb_2d = getattr(installed, "_sam3studio_original", installed)
+    try:
+        yield
+    finally:
+        modeling_sam3.apply_rotary_pos_emb_2d = installed
+
+
+def require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise OnnxUnavailableError(
+            f"The onnxruntime backend needs onnxruntime, onnx and onnxscript ({err.name} is missing): "
+            "pip install 'sam3studio[onnx]', or use the torch backend."
+        ) from None
+
+
+def cache_root() -> Path:
+    from huggingface_hub import constants
+
+    return Path(os.environ.get(CACHE_ENV) or Path(constants.HF_HOME) / "sam3studio" / "onnx")
+
+
+def graph_key(folder: Path, input_size: tuple[int, int]) -> str:
+    """Names the exported graph of one checkpoint at one input size: the config and every
+    weight file's name, size and modification time, so a changed checkpoint exports again."""
+    import onnxruntime
+
+    digest = hashlib.sha256(json.dumps([_EXPORT_VERSION, onnxruntime.__version__, torch.__version__, list(input_size)]).encode())
+    digest.update((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
+def export_int8_graph(folder: Path, input_size: tuple[int, int], destination: Path) -> Path:
+    """Export the checkpoint's vision encoder from its fp32 weights and quantize every MatMul
+    weight to int8 (activations quantized per call, as torch's dynamic int8 does). The fp32
+    graph is written beside it in a scratch folder and removed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import Sam3Model
+
+    from .allocator import release_freed_memory
+
+    destination.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination) as scratch:
+        fp32_graph, int8_graph = Path(scratch) / "vision-fp32.onnx", Path(scratch) / GRAPH_FILE
+        model = Sam3Model.from_pretrained(folder, use_safetensors=True, local_files_only=True, dtype=torch.float32).eval()
+        pixels = torch.zeros(1, 3, *input_size)
+        with torch.inference_mode(), plain_rope(), _quiet_exporter():
+            torch.onnx.export(VisionFeatures(model).eval(), (pixels,), str(fp32_graph), input_names=["pixel_values"], dynamo=True, external_data=True)
+        del model
+        release_freed_memory()
+        with _quiet_exporter():
+            quantize_dynamic(fp32_graph, int8_graph, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=True)
+        weights = [p for p in Path(scratch).iterdir() if p != int8_graph and not p.name.startswith("vision-fp32")]
+        for path in [*weights, int8_graph]:  # the graph last: once it is there, its weights are too
+            shutil.move(str(path), destination / path.name)
+    return destination / GRAPH_FILE
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx prints a line per export step, and the quantizer advice it does not need
+    here (graph pre-processing): a library keeps both quiet. Errors still raise."""
+    logging.disable(logging.WARNING)
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+class OnnxVisionEncoder:
+    """An ONNX Runtime session that encodes images as `Sam3Model.get_vision_features` does."""
+
+    def __init__(self, graph: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: it warns about every unused initializer
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def for_checkpoint(cls, folder: Path, input_size: tuple[int, int]) -> OnnxVisionEncoder:
+        """The checkpoint's int8 graph from the cache, exported first if it is not there yet."""
+        require_onnx()
+        cached = cache_root() / graph_key(folder, input_size)
+        graph = cached / GRAPH_FILE
+        if not graph.is_file():
+            export_int8_graph(folder, input_size, cached)
+        return cls(graph)
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(FPN maps, their position encodings), float32 tensors on the CPU."""
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, {"pixel_values": pixel_values.float().cpu().numpy()})]
+        levels = len(outputs) // 2  # the maps, then as many position encodings (see VisionFeatures)
+        return tuple(outputs[:levels]), tuple(outputs[levels:])

@@ -1,0 +1,75 @@
+"""The onnxruntime backend on the tiny checkpoint: its int8 image encoding stays near torch's
+fp32 one, it is exported once per checkpoint, and it is refused where it does not apply."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sam3studio import PrecisionError, load_segmenter
+from sam3studio.onnx_vision import GRAPH_FILE, cache_root, graph_key
+
+pytest.importorskip("onnxruntime", reason="the onnx extra (part of the dev install) is missing")
+
+IMAGE = np.random.default_rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def onnx_segmenter(tiny_checkpoint, onnx_cache):
+    return load_segmenter(str(tiny_checkpoint), precision="int8", device="cpu", backend="onnxruntime")
+
+
+def _largest_relative_difference(maps, reference) -> float:
+    return max(float((m - r).abs().max() / r.abs().max()) for m, r in zip(maps, reference))
+
+
+def test_onnx_int8_encoding_is_as_near_fp32_as_torch_int8(onnx_segmenter, segmenter, tiny_checkpoint):
+    torch_int8 = load_segmenter(str(tiny_checkpoint), precision="int8", device="cpu")
+    reference = segmenter.encode_image(IMAGE)
+    onnx = onnx_segmenter.encode_image(IMAGE)
+    assert [m.shape for m in onnx.fpn_hidden_states] == [m.shape for m in reference.fpn_hidden_states]
+    for position, expected in zip(onnx.fpn_position_encoding, reference.fpn_position_encoding):
+        torch.testing.assert_close(position, expected)
+    onnx_error = _largest_relative_difference(onnx.fpn_hidden_states, reference.fpn_hidden_states)
+    torch_error = _largest_relative_difference(torch_int8.encode_image(IMAGE).fpn_hidden_states, reference.fpn_hidden_states)
+    assert 0 < onnx_error < 0.05
+    assert onnx_error < 2 * torch_error
+
+
+def test_onnx_backend_scores_like_torch_int8(onnx_segmenter, tiny_checkpoint):
+    torch_int8 = load_segmenter(str(tiny_checkpoint), precision="int8", device="cpu")
+    ours = onnx_segmenter.predict(IMAGE, "red car, dog")
+    theirs = torch_int8.predict(IMAGE, "red car, dog")
+    assert ours.precision_used == "int8" and ours.scores.shape == theirs.scores.shape
+    np.testing.assert_allclose(ours.scores, theirs.scores, atol=0.05)  # random weights: near-ties may swap ranks
+
+
+def test_the_graph_is_exported_once_and_frees_torchs_vision_weights(onnx_segmenter, tiny_checkpoint, onnx_cache):
+    graphs = list(onnx_cache.glob(f"*/{GRAPH_FILE}"))
+    assert len(graphs) == 1
+    written = graphs[0].stat().st_mtime_ns
+    again = load_segmenter(str(tiny_checkpoint), precision="int8", device="cpu", backend="onnxruntime")
+    assert graphs[0].stat().st_mtime_ns == written and len(list(onnx_cache.glob(f"*/{GRAPH_FILE}"))) == 1
+    torch_int8 = load_segmenter(str(tiny_checkpoint), precision="int8", device="cpu")
+    vision = sum(p.numel() for p in torch_int8.model.vision_encoder.parameters())
+    assert vision > 0 and not list(again.model.vision_encoder.parameters())
+
+
+def test_a_changed_checkpoint_gets_a_new_graph(tiny_checkpoint, tmp_path, onnx_cache):
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    key = graph_key(copy, (112, 112))
+    assert key != graph_key(copy, (224, 224))
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert graph_key(copy, (112, 112)) != key
+    assert cache_root() == onnx_cache
+
+
+@pytest.mark.parametrize("precision, backend", [("fp32", "onnxruntime"), ("int8", "tensorrt")])
+def test_backends_outside_their_reach_are_refused(tiny_checkpoint, precision, backend):
+    with pytest.raises(PrecisionError, match="backend"):
+        load_segmenter(str(tiny_checkpoint), precision=precision, device="cpu", backend=backend)
