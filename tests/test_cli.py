@@ -96,10 +96,11 @@ def test_output_folder_that_is_a_file_and_a_dataset_name_clash(photos, tiny_chec
     assert json.loads((out / "coco_1.json").read_text())["image"] == "coco.png"
 
 
-def test_info_reports_bf16_support(tmp_path):
+def test_info_reports_bf16_support_and_the_onnx_backend(tmp_path):
     proc = run("info", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "native bf16" in proc.stdout and "--precision auto" in proc.stdout and "runs fp32 on cpu" in proc.stdout
+    assert "--backend onnxruntime" in proc.stdout and "available with --precision int8" in proc.stdout
 
 
 def test_train_then_eval(tiny_checkpoint, tmp_path):

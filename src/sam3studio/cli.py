@@ -144,10 +144,23 @@ def info() -> None:
     for mode in Precision:
         plan = resolve(mode, device)
         table.add_row(f"--precision {mode.value}", f"runs {plan.used.value} on {device}" + (f" ({plan.reason})" if plan.reason else ""))
+    table.add_row("--backend onnxruntime", _onnx_backend_state())
     table.add_row("model cache", str(cache_dir()))
     table.add_row("cached SAM models", ", ".join(cached_models()) or "none")
     table.add_row("demo model", str(DEMO_MODEL_DIR) if (DEMO_MODEL_DIR / "config.json").is_file() else "not installed yet")
     Console().print(table)
+
+
+def _onnx_backend_state() -> str:
+    from .onnx_vision import OnnxUnavailableError, cache_root, require_onnx
+
+    try:
+        require_onnx()
+    except OnnxUnavailableError as err:
+        return f"unavailable: {err}"
+    import onnxruntime
+
+    return f"available with --precision int8 on the CPU (onnxruntime {onnxruntime.__version__}); exported graphs in {cache_root()}"
 
 
 @app.command()
