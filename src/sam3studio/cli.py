@@ -35,7 +35,7 @@ PRECISION_HELP = (
 BACKEND_HELP = (
     "What encodes images: torch, or onnxruntime with --precision int8 (CPU; needs the onnx extra: onnxruntime, onnx, onnxscript). "
     "onnxruntime encoded full-size images ~30% faster than torch int8 on a Zen 4; the first use of "
-    "a checkpoint exports it (full size: ~2 min and ~7 GB of memory, once)."
+    "a checkpoint exports it (full size: ~2 min and ~10 GB of memory, once)."
 )
 
 

@@ -6,7 +6,7 @@ int8 goes through it, and only the vision encoder: the prompt path is attention 
 tokens, already at torch's flash-attention speed.
 
 The graph is exported from the checkpoint's fp32 weights the first time a model is used this
-way (at full size ~2 minutes and ~7 GB of memory, once) and kept in a cache folder keyed by the
+way (at full size 130 s and a 10 GB peak, once) and kept in a cache folder keyed by the
 checkpoint's files, so later loads read the int8 graph straight away.
 """
 
