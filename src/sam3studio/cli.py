@@ -34,7 +34,7 @@ PRECISION_HELP = (
 )
 BACKEND_HELP = (
     "What encodes images: torch, or onnxruntime with --precision int8 (CPU; needs the onnx extra: onnxruntime, onnx, onnxscript). "
-    "onnxruntime encoded full-size images ~30% faster than torch int8 on a Zen 4; the first use of "
+    "onnxruntime encoded full-size images ~20-30% faster than torch int8 on a Zen 4, at 2.5x its peak memory; the first use of "
     "a checkpoint exports it (full size: ~2 min and ~10 GB of memory, once)."
 )
 
