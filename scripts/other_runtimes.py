@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sam3studio import load_segmenter
-from sam3studio.onnx_vision import VisionFeatures, plain_rope
+from sam3studio.onnx_vision import VisionFeatures, export_fp32_graph, plain_rope, quantize_graph
 from sam3studio.precision import cpu_info
 
 Encoder = Callable[[torch.Tensor], list[np.ndarray]]
@@ -58,26 +58,20 @@ def compiled_encoder(model_path: str) -> Encoder:
 
 
 def export_onnx(model_path: str, pixels: torch.Tensor, folder: Path) -> tuple[Path, float]:
-    """The plain fp32 vision encoder as ONNX (weights as external data: over 2 GB at full size)."""
-    from transformers import Sam3Model
-
+    """The plain fp32 vision encoder as ONNX, as the onnxruntime backend exports it."""
     path = folder / "vision.onnx"
     started = time.perf_counter()
     if not path.is_file():
-        module = VisionFeatures(Sam3Model.from_pretrained(model_path, use_safetensors=True).eval())
-        with torch.inference_mode(), plain_rope():
-            torch.onnx.export(module.eval(), (pixels,), str(path), input_names=["pixel_values"], dynamo=True, external_data=True)
+        export_fp32_graph(Path(model_path), tuple(pixels.shape[-2:]), path)
     return path, time.perf_counter() - started
 
 
 def quantize_onnx(path: Path) -> tuple[Path, float]:
-    """ONNX Runtime's dynamic int8 quantization of every MatMul, the counterpart of sam3studio's int8."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """The backend's dynamic int8 quantization of every MatMul, the counterpart of torch's int8."""
     quantized = path.with_name("vision-int8.onnx")
     started = time.perf_counter()
     if not quantized.is_file():
-        quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=True)
+        quantize_graph(path, quantized)
     return quantized, time.perf_counter() - started
 
 

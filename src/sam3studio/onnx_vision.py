@@ -95,26 +95,36 @@ def graph_key(folder: Path, input_size: tuple[int, int]) -> str:
     return digest.hexdigest()[:24]
 
 
-def export_int8_graph(folder: Path, input_size: tuple[int, int], destination: Path) -> Path:
-    """Export the checkpoint's vision encoder from its fp32 weights and quantize every MatMul
-    weight to int8 (activations quantized per call, as torch's dynamic int8 does). The fp32
-    graph is written beside it in a scratch folder and removed."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def export_fp32_graph(folder: Path, input_size: tuple[int, int], path: Path) -> None:
+    """The checkpoint's vision encoder as ONNX, from its fp32 weights (weights as external data:
+    over 2 GB at full size)."""
     from transformers import Sam3Model
 
     from .allocator import release_freed_memory
 
+    model = Sam3Model.from_pretrained(folder, use_safetensors=True, local_files_only=True, dtype=torch.float32).eval()
+    pixels = torch.zeros(1, 3, *input_size)
+    with torch.inference_mode(), plain_rope(), _quiet_exporter():
+        torch.onnx.export(VisionFeatures(model).eval(), (pixels,), str(path), input_names=["pixel_values"], dynamo=True, external_data=True)
+    del model
+    release_freed_memory()
+
+
+def quantize_graph(fp32_graph: Path, int8_graph: Path) -> None:
+    """Every MatMul weight to int8 (activations quantized per call, as torch's dynamic int8 does)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_exporter():
+        quantize_dynamic(fp32_graph, int8_graph, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=True)
+
+
+def export_int8_graph(folder: Path, input_size: tuple[int, int], destination: Path) -> Path:
+    """The int8 graph in `destination`; the fp32 one is made in a scratch folder and removed."""
     destination.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination) as scratch:
         fp32_graph, int8_graph = Path(scratch) / "vision-fp32.onnx", Path(scratch) / GRAPH_FILE
-        model = Sam3Model.from_pretrained(folder, use_safetensors=True, local_files_only=True, dtype=torch.float32).eval()
-        pixels = torch.zeros(1, 3, *input_size)
-        with torch.inference_mode(), plain_rope(), _quiet_exporter():
-            torch.onnx.export(VisionFeatures(model).eval(), (pixels,), str(fp32_graph), input_names=["pixel_values"], dynamo=True, external_data=True)
-        del model
-        release_freed_memory()
-        with _quiet_exporter():
-            quantize_dynamic(fp32_graph, int8_graph, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=True)
+        export_fp32_graph(folder, input_size, fp32_graph)
+        quantize_graph(fp32_graph, int8_graph)
         weights = [p for p in Path(scratch).iterdir() if p != int8_graph and not p.name.startswith("vision-fp32")]
         for path in [*weights, int8_graph]:  # the graph last: once it is there, its weights are too
             shutil.move(str(path), destination / path.name)
