@@ -99,62 +99,28 @@ def build_demo_model(image_size: int = 336, seed: int = 0):
 DEMO_DATA = {"train": (4000, 101), "val": (200, 202), "test": (300, 303)}  # scenes, seed
 
 
-DEMO_SECOND_STAGE = "stage2"
 _DEMO_COMMON = dict(images_per_step=4, weight_decay=0.05, checkpoint_every=100, log_every=20, precision="auto", seed=0)
+DEMO_DETECTOR_STEPS = 3000
 
 
 def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
-    """The one documented recipe that produces the shipped demo model, as two runs.
+    """The one documented recipe that produces the shipped demo model, as two resumable runs:
+    the encoders alone (`demo_encoder_stage`, in `out`/encoder), then the whole model from them
+    (`demo_detector_stage`, in `out`/detector). `steps` overrides the second run's length.
 
-    Stage 1 (in `out`) trains from scratch until the prompt matters: the DETR encoder's output
-    starts to depend on the prompt only after ~500 steps, and presence after ~600. By its end
-    (1,100 steps) masks are still coarse: the best of a prompt's 16 masks overlaps its object by
-    IoU 0.47 on average. Stage 2 (in `out`/stage2) starts from stage 1's weights and category head
-    with a fresh schedule, weights the mask focal loss as MaskFormer does (20, not 5: at 5 it was
-    under 1% of the total loss) and runs 2 negatives per image instead of 4, since presence has
-    learned by then. `steps` overrides stage 2's length.
-
-    What limits the result (test mIoU 0.44, no better at step 1800 than at 1465): every query
-    scores ~0.2, matched or not, so masks are picked by a coin toss; and shape-only prompts
-    ("star") were rarely drawn as negatives, so nearly every absent one finds something.
-    `demo_third_stage` is the experiment against both; it is not part of the recipe yet. Below
-    both lies the main limit: the vision encoder learns colors but not shapes (object pixels get
-    the right color 99% of the time, the right shape 35%), so shape-only prompts find no good
-    mask in any query; runs/demo-checkpoint/RESUME.md has the measurements. `demo_encoder_stage`
-    followed by `demo_detector_stage` is the recipe being tried against it."""
-    from .criterion import LossWeights
-    from .loop import CHECKPOINT_DIR, TrainConfig
-
-    first = TrainConfig(out=out, steps=1100, negatives_per_image=4, lr=3e-4, warmup_steps=200,
-                        weights=LossWeights(category=2.0, presence=3.0), **_DEMO_COMMON, data=data)
-    second = TrainConfig(out=str(Path(out) / DEMO_SECOND_STAGE), model=str(Path(out) / CHECKPOINT_DIR), steps=steps or 1800,
-                         negatives_per_image=2, lr=3e-4, warmup_steps=50,
-                         weights=LossWeights(category=2.0, presence=3.0, mask_focal=20.0), **_DEMO_COMMON, data=data)
-    return [first, second]
-
-
-def demo_third_stage(out: str, data: str, steps: int = 1000):
-    """An experiment on top of the recipe (in `out`/stage3, from stage 2's weights): scores
-    trained toward each query's IoU (`set_criterion`'s quality_targets), one absent shape among
-    each image's 3 negatives (`data._coarse_negatives`), and a dense loss against the shape
-    names. Measured (1,000 steps, test split, fp32): at threshold 0.1, mIoU 0.49 against stage
-    2's 0.44 (color + shape prompts 0.70, shape-only 0.29; first 100 test scenes); but its
-    F1-calibrated threshold is 0.475, where shape-only prompts find nothing and mIoU is 0.29.
-    Not shipped until its threshold and shape-only scores are sorted out."""
-    from .criterion import LossWeights
-    from .loop import CHECKPOINT_DIR, TrainConfig
-
-    return TrainConfig(out=str(Path(out) / "stage3"), model=str(Path(out) / DEMO_SECOND_STAGE / CHECKPOINT_DIR), steps=steps,
-                       negatives_per_image=3, coarse_negatives=1, quality_targets=True, lr=2e-4, warmup_steps=50,
-                       weights=LossWeights(category=2.0, supercategory=2.0, presence=3.0, mask_focal=20.0), **_DEMO_COMMON, data=data)
+    Why the encoders first: trained end to end from scratch (the recipe before this one, test
+    mIoU 0.44), the vision encoder learned colors but not shapes. Its object pixels got the
+    right color 99% of the time and the right shape 35%, so a prompt such as "star" found no
+    good mask in any query. After the encoder stage they get the right shape 77% of the time
+    (runs/demo-checkpoint/RESUME.md has the measurements)."""
+    return [demo_encoder_stage(out, data), demo_detector_stage(out, data, steps or DEMO_DETECTOR_STEPS)]
 
 
 def demo_encoder_stage(out: str, data: str, steps: int = 4000, lr: float = 3e-3):
-    """An experiment toward the next recipe (in `out`/encoder, from scratch): the vision and
-    text encoders alone, on the per-pixel losses against category and shape names, 8 images a
-    step at a high rate, so that the features know shapes before any decoder trains on them
-    (see `Trainer.dense_losses`). Background pixels weigh 0.1, as in the backbone measurements
-    of runs/demo-checkpoint/RESUME.md, or they are most of what is learned."""
+    """The vision and text encoders alone (in `out`/encoder, from scratch), on the per-pixel
+    losses against category and shape names, 8 images a step at a high rate, so that the
+    features know shapes before any decoder trains on them (see `Trainer.dense_losses`).
+    Background pixels weigh 0.1, or they are most of what is learned."""
     from .criterion import LossWeights
     from .loop import TrainConfig
 
@@ -163,12 +129,14 @@ def demo_encoder_stage(out: str, data: str, steps: int = 4000, lr: float = 3e-3)
     return TrainConfig(out=str(Path(out) / "encoder"), data=data, steps=steps, dense_only=True, lr=lr, warmup_steps=100, weights=weights, **common)
 
 
-def demo_detector_stage(out: str, data: str, steps: int = 3000):
-    """The full model trained from `demo_encoder_stage`'s encoders (in `out`/detector), with
-    `demo_third_stage`'s losses (scores that rank queries by IoU; absent shapes among the
-    negatives) and the category losses kept on at the encoder stage's background weight. The
-    rate is the recipe's 3e-4: what changes against the shipped recipe is where the encoders
-    start, not how the decoder learns."""
+def demo_detector_stage(out: str, data: str, steps: int = DEMO_DETECTOR_STEPS):
+    """The whole model (in `out`/detector), from `demo_encoder_stage`'s encoders, with the
+    category losses kept on. Two choices against the failures of end-to-end training: scores
+    are trained toward each query's mask IoU (`set_criterion`'s quality_targets), since with
+    plain targets every query scored ~0.2, matched or not; and one of each image's 3 absent
+    prompts is a shape missing from it, since absent shape-only prompts were rarely drawn and
+    nearly all of them found something. The mask focal loss weighs 20, as in MaskFormer (at 5
+    it was under 1% of the total)."""
     from .criterion import LossWeights
     from .loop import CHECKPOINT_DIR, TrainConfig
 
@@ -271,6 +239,18 @@ def _model_card(threshold: float, notes: dict, reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stage_summary(number: int, config) -> str:
+    start = "from scratch" if number == 1 else "from the previous stage's weights"
+    if config.dense_only:
+        what = f"{config.images_per_step} images, vision and text encoders only, on the per-pixel category losses"
+    else:
+        coarse = f" ({config.coarse_negatives} an absent shape)" if config.coarse_negatives else ""
+        scores = ", scores trained toward mask IoU" if config.quality_targets else ""
+        what = f"{config.images_per_step} images with {config.negatives_per_image} absent prompts each{coarse}{scores}"
+    return (f"stage {number}, {start}: {config.steps} steps of {what}, AdamW lr {config.lr} ({config.warmup_steps} warmup steps, cosine), "
+            f"loss weights {asdict(config.weights)}")
+
+
 def training_notes(trainers: list) -> dict:
     """What the model card says about a finished recipe (one trainer per stage): recipe, data,
     machine and time. The time is summed from each run's log, so runs resumed across sessions
@@ -285,11 +265,7 @@ def training_notes(trainers: list) -> dict:
             counted = machines.setdefault(entry.get("machine", "not recorded"), [0, 0.0])
             counted[0] += steps
             counted[1] += entry["seconds"] * steps
-        start = "from scratch" if number == 1 else "from the previous stage's weights"
-        recipes.append(f"stage {number}, {start}: {config.steps} steps of {config.images_per_step} images with "
-                       f"{config.negatives_per_image} absent prompts each"
-                       f"{f' ({config.coarse_negatives} an absent shape)' if config.coarse_negatives else ''}, AdamW lr {config.lr} ({config.warmup_steps} warmup steps, "
-                       f"cosine), loss weights {asdict(config.weights)}")
+        recipes.append(_stage_summary(number, config))
     last = trainers[-1]
     count, seed = DEMO_DATA["train"]
     steps = sum(t.step for t in trainers)
