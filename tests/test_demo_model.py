@@ -69,15 +69,13 @@ def test_an_absent_object_finds_nothing(demo):
     assert demo.segment(image, "purple square").instances == []
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model still answers 43% of absent prompts on its test split (see its card); "
-                   "strict, so it fails once the model does not")
 def test_an_absent_name_sharing_words_with_present_objects_finds_nothing(demo):
     image, _ = _drawn_scene()
     assert demo.segment(image, "blue circle").instances == []  # a blue star and a green circle are present
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model does not know shapes without a color yet: shape-only prompts "
-                   "score recall@0.5 0.13 on its test split (see its card); strict, so it fails once the model does")
+@pytest.mark.xfail(strict=True, reason="shape-only prompts are the demo model's weak spot: recall@0.5 0.44 on its test split "
+                   "(see its card), and here one mask covers both stars; strict, so it fails once the model finds each star")
 def test_a_shape_prompt_finds_every_star(demo):
     image, masks = _drawn_scene()
     stars = demo.segment(image, "star").instances
