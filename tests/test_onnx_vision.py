@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sam3studio import PrecisionError, load_segmenter
-from sam3studio.onnx_vision import GRAPH_FILE, cache_root, graph_key
+from sam3studio.onnx_vision import GRAPH_FILE, VisionFeatures, cache_root, export_fp32_graph, graph_key
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (part of the dev install) is missing")
 
@@ -38,6 +38,26 @@ def test_onnx_int8_encoding_is_as_near_fp32_as_torch_int8(onnx_segmenter, segmen
     torch_error = _largest_relative_difference(torch_int8.encode_image(IMAGE).fpn_hidden_states, reference.fpn_hidden_states)
     assert 0 < onnx_error < 0.05
     assert onnx_error < 2 * torch_error
+
+
+def test_long_attention_is_exported_in_query_chunks_with_the_same_result(tiny_checkpoint, tmp_path):
+    """The tiny ViT's one global layer attends over 64 tokens: in pieces of 20 queries it is 4
+    softmaxes instead of 1, and the graph still computes torch's features."""
+    import onnx
+    import onnxruntime as ort
+    from transformers import Sam3Model
+
+    softmaxes, outputs = {}, {}
+    pixels = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    for name, chunk in (("chunked", 20), ("whole", 10**6)):
+        graph = tmp_path / f"{name}.onnx"
+        export_fp32_graph(tiny_checkpoint, (112, 112), graph, attention_chunk=chunk)
+        softmaxes[name] = sum(node.op_type == "Softmax" for node in onnx.load(str(graph), load_external_data=False).graph.node)
+        outputs[name] = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": pixels.numpy()})
+    assert softmaxes["chunked"] == softmaxes["whole"] + 3
+    with torch.no_grad():
+        expected = VisionFeatures(Sam3Model.from_pretrained(tiny_checkpoint).eval())(pixels)
+    assert _largest_relative_difference([torch.from_numpy(o) for o in outputs["chunked"]], expected) < 1e-5
 
 
 def test_onnx_backend_scores_like_torch_int8(onnx_segmenter, tiny_checkpoint):

@@ -29,7 +29,9 @@ from .loading import ModelLoadError
 
 CACHE_ENV = "SAM3_ONNX_CACHE"
 GRAPH_FILE = "vision-int8.onnx"
-_EXPORT_VERSION = 1  # bump when the exported graph or its quantization changes
+_EXPORT_VERSION = 2  # bump when the exported graph or its quantization changes (2: attention in query chunks)
+# Queries per piece of a long attention in the exported graph (see `chunked_long_attention`).
+ATTENTION_CHUNK = 1024
 
 
 class OnnxUnavailableError(ModelLoadError):
@@ -64,6 +66,34 @@ def plain_rope() -> Iterator[None]:
         modeling_sam3.apply_rotary_pos_emb_2d = installed
 
 
+@contextlib.contextmanager
+def chunked_long_attention(chunk: int = ATTENTION_CHUNK) -> Iterator[None]:
+    """Attention over more than `chunk` queries as several attentions over `chunk` queries each,
+    while exporting. ONNX has no flash attention: the exporter writes SDPA as MatMul, Softmax,
+    MatMul, so each of the ViT's global layers held its whole 16 x 5184 x 5184 score matrix
+    (1.7 GB in fp32, twice over with the softmax) where torch never does. Split by queries, the
+    result is the same (each query's softmax runs over all keys) and a piece holds a fifth."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def in_chunks(module, query, key, value, attention_mask, *args, **kwargs):
+        if query.shape[2] <= chunk or attention_mask is not None or getattr(module, "is_causal", True):
+            return plain(module, query, key, value, attention_mask, *args, **kwargs)
+        pieces = [plain(module, part, key, value, None, *args, **kwargs)[0] for part in query.split(chunk, dim=2)]
+        return torch.cat(pieces, dim=1), None  # (batch, queries, heads, head dim)
+
+    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = in_chunks
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = plain
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
 def require_onnx() -> None:
     try:
         import onnx  # noqa: F401
@@ -95,16 +125,16 @@ def graph_key(folder: Path, input_size: tuple[int, int]) -> str:
     return digest.hexdigest()[:24]
 
 
-def export_fp32_graph(folder: Path, input_size: tuple[int, int], path: Path) -> None:
+def export_fp32_graph(folder: Path, input_size: tuple[int, int], path: Path, attention_chunk: int = ATTENTION_CHUNK) -> None:
     """The checkpoint's vision encoder as ONNX, from its fp32 weights (weights as external data:
-    over 2 GB at full size)."""
+    over 2 GB at full size), attention over more than `attention_chunk` queries in pieces."""
     from transformers import Sam3Model
 
     from .allocator import release_freed_memory
 
     model = Sam3Model.from_pretrained(folder, use_safetensors=True, local_files_only=True, dtype=torch.float32).eval()
     pixels = torch.zeros(1, 3, *input_size)
-    with torch.inference_mode(), plain_rope(), _quiet_exporter():
+    with torch.inference_mode(), plain_rope(), chunked_long_attention(attention_chunk), _quiet_exporter():
         torch.onnx.export(VisionFeatures(model).eval(), (pixels,), str(path), input_names=["pixel_values"], dynamo=True, external_data=True)
     del model
     release_freed_memory()
