@@ -49,12 +49,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="the demo's training split (prepare_demo_data renders it)")
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per stage and precision")
+    parser.add_argument("--stages", default="1,2", help="which stages to time (the polish stage, 3, steps as the detector stage, 2, does)")
     args = parser.parse_args()
     cpu = cpu_info()
     speeds = f"matmul fp32 {cpu.fp32_gflops:.0f} / bf16 {cpu.bf16_gflops:.0f} GFLOP/s" if cpu.fp32_gflops else "bf16 matmul not timed"
     print(f"CPU: {cpu.model}; bf16 flags: {', '.join(cpu.bf16_flags) or 'none'}; {speeds}; 'auto' trains in {resolve('auto').used.value}")
     with tempfile.TemporaryDirectory() as out:
+        wanted = {int(n) for n in args.stages.split(",")}
         for number, config in enumerate(demo_training_stages(out, args.data), start=1):
+            if number not in wanted:
+                continue
             medians = stage_medians(config, args.rounds)
             ratio = medians["bf16"] / medians["fp32"]
             print(f"stage {number} ({config.images_per_step} images a step): fp32 {medians['fp32']:.2f} s, bf16 {medians['bf16']:.2f} s "

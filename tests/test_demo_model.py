@@ -74,7 +74,7 @@ def test_an_absent_name_sharing_words_with_present_objects_finds_nothing(demo):
     assert demo.segment(image, "blue circle").instances == []  # a blue star and a green circle are present
 
 
-@pytest.mark.xfail(strict=True, reason="shape-only prompts are the demo model's weak spot: recall@0.5 0.44 on its test split "
+@pytest.mark.xfail(strict=True, reason="shape-only prompts are the demo model's weak spot: recall@0.5 0.45 on its test split "
                    "(see its card), and here one mask covers both stars; strict, so it fails once the model finds each star")
 def test_a_shape_prompt_finds_every_star(demo):
     image, masks = _drawn_scene()
