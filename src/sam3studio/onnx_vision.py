@@ -1,8 +1,10 @@
 """Image encoding through ONNX Runtime with dynamic int8 weights, the one other runtime that beat
 torch here: at full size on a Zen 4 it encoded a 1008 px image in 16.0 s against torch int8's
 22.8 s (medians of 5, alternating in one process; scripts/other_runtimes.py), with outputs
-nearer fp32's; but the process peaked at 8.3 GB against torch int8's 3.4 GB (bench, one image),
-so torch stays the default. ONNX Runtime's fp32 was no faster than torch's (43.4 s against 40.1 s), so only
+nearer fp32's. It needs more memory: the process peaked at 8.3 GB against torch int8's 3.4 GB
+(bench, one image) before long attention was exported in pieces (`chunked_long_attention`),
+which took an ONNX Runtime session's own peak from 6.8 to 4.2 GB. So torch stays the default.
+ONNX Runtime's fp32 was no faster than torch's (43.4 s against 40.1 s), so only
 int8 goes through it, and only the vision encoder: the prompt path is attention over image
 tokens, already at torch's flash-attention speed.
 
