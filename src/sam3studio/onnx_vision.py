@@ -3,7 +3,8 @@ torch here: at full size on a Zen 4 it encoded a 1008 px image in 16.0 s against
 22.8 s (medians of 5, alternating in one process; scripts/other_runtimes.py), with outputs
 nearer fp32's. It needs more memory: the process peaked at 8.3 GB against torch int8's 3.4 GB
 (bench, one image) before long attention was exported in pieces (`chunked_long_attention`),
-which took an ONNX Runtime session's own peak from 6.8 to 4.2 GB. So torch stays the default.
+which took an ONNX Runtime session's own peak from 6.8 to 4.2 GB, and its memory arena off to
+2.8-3.0 GB. So torch stays the default.
 ONNX Runtime's fp32 was no faster than torch's (43.4 s against 40.1 s), so only
 int8 goes through it, and only the vision encoder: the prompt path is attention over image
 tokens, already at torch's flash-attention speed.
@@ -185,6 +186,9 @@ class OnnxVisionEncoder:
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: it warns about every unused initializer
+        # The arena keeps the largest set of activations a run ever held, 1.2 GB at full size:
+        # without it the session peaked at 2.8-3.0 GB instead of 4.0, and encoded as fast.
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     @classmethod
