@@ -149,7 +149,9 @@ def demo_detector_stage(out: str, data: str, steps: int = DEMO_DETECTOR_STEPS):
 def demo_polish_stage(out: str, data: str, steps: int = 1000):
     """The whole model again (in `out`/polish), from `demo_detector_stage`'s end, with the same
     losses and a second, lower cosine cycle (lr 1e-4). The detector stage was still improving
-    when its schedule ran out (validation oracle mIoU 0.705 -> 0.725 over its second half)."""
+    when its schedule ran out (validation oracle mIoU 0.705 -> 0.725 over its second half). It
+    gained test mIoU 0.5436 -> 0.5537 (runs/demo-checkpoint/RESUME.md): more of the same is
+    nearly spent."""
     from .loop import CHECKPOINT_DIR
 
     detector = demo_detector_stage(out, data)
