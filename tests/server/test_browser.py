@@ -26,6 +26,9 @@ def test_upload_prompt_segment_and_click_a_region(live_server, segmenter, scene,
         page.goto(live_server)
         page.wait_for_selector("#segment")
         page.set_input_files("#input-image input[type=file]", str(image_path))
+        # The upload is asynchronous: "Segment" clicked before the preview shows can run on no image
+        # (one CI run waited 120 s for masks that never came).
+        page.wait_for_selector("#input-image img", timeout=60_000)
         page.fill("#prompts textarea", "red square, blue square")
         page.fill("#threshold input[type=number]", "0")
         page.press("#threshold input[type=number]", "Enter")
