@@ -109,9 +109,10 @@ def test_train_then_eval(tiny_checkpoint, tmp_path):
     shapes = write_dataset(tmp_path / "shapes", 3, seed=2, config=SceneConfig(min_side=64, max_side=96, max_objects=2))
     run_dir = tmp_path / "run"
     proc = run("train", "--data", str(shapes), "--model", str(tiny_checkpoint), "--steps", "3", "--images-per-step", "2",
-               "--out", str(run_dir), cwd=tmp_path)
+               "--image-size", "140", "--out", str(run_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "checkpoint" / "model.safetensors").is_file() and "done: 3 steps" in proc.stderr
+    assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["vision_config"]["backbone_config"]["image_size"] == 140
     report = tmp_path / "eval.json"
     proc = run("eval", "--model", str(run_dir / "checkpoint"), "--data", str(shapes), "--precision", "fp32,bf16",
                "--force-precision", "--threshold", "0.1", "--json", str(report), cwd=tmp_path)
@@ -127,3 +128,5 @@ def test_train_needs_data_or_a_preset(tmp_path):
     assert proc.returncode == 2 and "--data" in proc.stderr
     proc = run("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert proc.returncode == 2 and "no annotation file" in proc.stderr
+    proc = run("train", "--data", str(tmp_path), "--image-size", "150", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert proc.returncode == 2 and "not a multiple of the model's 14-pixel patch" in proc.stderr

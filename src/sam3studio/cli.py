@@ -200,10 +200,13 @@ def train(
     images_per_step: Annotated[int, typer.Option(help="Images per optimizer step (each with all its prompts).")] = 4,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 3e-4,
     seed: Annotated[int, typer.Option(help="Seed for data order, augmentation and init.")] = 0,
+    image_size: Annotated[Optional[int], typer.Option(min=14, help="Input size in pixels, a multiple of 14; default: the model's own (336 for a fresh demo-size model). "
+                                                           "A smaller one trains a large model faster and loses small objects.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Fine-tune SAM3 (or train a small one) on a COCO instance-segmentation dataset, in mixed precision."""
     from .train.loop import TrainConfig
+    from .train.resolution import PATCH
 
     if preset not in (None, "demo"):
         raise CliError(f"Unknown --preset {preset!r}: the only preset is 'demo'.")
@@ -216,9 +219,12 @@ def train(
     else:
         if data is None:
             raise CliError("Give --data (a COCO dataset folder) or --preset demo.")
+        if image_size is not None and image_size % PATCH:
+            raise CliError(f"--image-size {image_size} is not a multiple of the model's {PATCH}-pixel patch.")
         parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
         stages = [TrainConfig(data=str(data), out=str(out), model=model, steps=steps or 2000, precision=precision,
-                              force_precision=force_precision, freeze=parts, images_per_step=images_per_step, lr=lr, seed=seed, device=device)]
+                              force_precision=force_precision, freeze=parts, images_per_step=images_per_step, lr=lr, seed=seed, image_size=image_size,
+                              device=device)]
     trainers = [_train_stage(config, f"stage {n} of {len(stages)}: " if len(stages) > 1 else "") for n, config in enumerate(stages, start=1)]
     if preset == "demo":
         from .loading import DEMO_MODEL_DIR

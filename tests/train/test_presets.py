@@ -29,3 +29,4 @@ def test_export_installs_a_loadable_model_with_threshold_scores_and_card(tiny_ch
     card = (tmp_path / "demo" / "README.md").read_text()
     assert "| fp32 |" in card and "| bf16 |" in card and "- steps: 6" in card
     assert "| fp32, color + shape prompts |" in card and "| fp32, shape-only prompts |" in card
+    assert "112 px input, 32x32 masks" in card  # the tiny model's own sizes

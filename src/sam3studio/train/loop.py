@@ -59,7 +59,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     device: str = "cpu"
-    image_size: int = 336  # input size of a fresh demo architecture
+    image_size: int | None = None  # input size; None: the model's own (DEMO_IMAGE_SIZE for a fresh demo architecture)
     weights: LossWeights = field(default_factory=LossWeights)
 
 
@@ -527,7 +527,8 @@ def load_for_training(config: TrainConfig):
     from transformers import Sam3Model, Sam3Processor
 
     from ..loading import load_model
-    from .presets import build_demo_model
+    from .presets import DEMO_IMAGE_SIZE, build_demo_model
+    from .resolution import with_input_size
 
     checkpoint = Path(config.out) / CHECKPOINT_DIR
     if (checkpoint / "trainer_state.json").is_file():
@@ -535,8 +536,10 @@ def load_for_training(config: TrainConfig):
         return model, Sam3Processor.from_pretrained(checkpoint, local_files_only=True)
     if config.model:
         loaded = load_model(config.model, device="cpu")
-        return loaded.model, loaded.processor
-    model, processor = build_demo_model(config.image_size, seed=config.seed)
+        if config.image_size is None:
+            return loaded.model, loaded.processor
+        return with_input_size(loaded.model, loaded.processor, config.image_size)
+    model, processor = build_demo_model(config.image_size or DEMO_IMAGE_SIZE, seed=config.seed)
     scale_mask_logits_at_init(model, processor)
     return model, processor
 
