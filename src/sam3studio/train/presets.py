@@ -105,10 +105,11 @@ DEMO_DETECTOR_STEPS = 3000
 
 
 def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
-    """The one documented recipe that produces the shipped demo model, as three resumable runs:
+    """The one documented recipe that produces the shipped demo model, as four resumable runs:
     the encoders alone (`demo_encoder_stage`, in `out`/encoder), then the whole model from them
     (`demo_detector_stage`, in `out`/detector), then a second cycle of the same at a lower rate
-    (`demo_polish_stage`, in `out`/polish). `steps` overrides the second run's length.
+    (`demo_polish_stage`, in `out`/polish), then the same at a larger input size
+    (`demo_resolution_stage`, in `out`/resolution). `steps` overrides the second run's length.
 
     Why the encoders first: trained end to end from scratch (the recipe before this one, test
     mIoU 0.44), the vision encoder learned colors but not shapes. Its object pixels got the
@@ -277,7 +278,7 @@ def _stage_summary(number: int, config) -> str:
         coarse = f" ({config.coarse_negatives} an absent shape)" if config.coarse_negatives else ""
         scores = ", scores trained toward mask IoU" if config.quality_targets else ""
         what = f"{config.images_per_step} images with {config.negatives_per_image} absent prompts each{coarse}{scores}"
-    return (f"stage {number}, {start}: {config.steps} steps of {what}, AdamW lr {config.lr} ({config.warmup_steps} warmup steps, cosine), "
+    return (f"stage {number}, {start}: {config.steps} steps of {what} at {config.image_size or DEMO_IMAGE_SIZE} px, AdamW lr {config.lr} ({config.warmup_steps} warmup steps, cosine), "
             f"loss weights {asdict(config.weights)}")
 
 
