@@ -14,7 +14,8 @@ PATCH = 14
 
 
 def with_input_size(model, processor, image_size: int):
-    """(model, processor) reading `image_size`-pixel inputs, the weights otherwise unchanged.
+    """(model, processor) reading `image_size`-pixel inputs, the weights otherwise unchanged:
+    a new model, and the processor given, set to the new sizes (it serves only this model).
     The same objects when the model already reads that size."""
     import torch
     from transformers import Sam3Config, Sam3Model
