@@ -237,7 +237,7 @@ def test_split_pixel_decoder_trains_exactly_as_the_plain_one(shapes, tiny_checkp
     def masks_and_gradients():
         trainer.model.zero_grad(set_to_none=True)
         torch.manual_seed(0)  # the same dropout in both runs
-        predictions, _ = forward_batch(trainer.model, trainer.processor.tokenizer, trainer.batch(0), trainer.plan)
+        predictions, _, _ = forward_batch(trainer.model, trainer.processor.tokenizer, trainer.batch(0), trainer.plan)
         weighting = torch.randn(predictions.masks.shape, generator=torch.Generator().manual_seed(1))
         (predictions.masks * weighting).sum().backward()
         return predictions.masks.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}

@@ -29,6 +29,7 @@ class LossWeights:
     category: float = 0.0  # dense per-pixel category loss on the vision features (0: off)
     supercategory: float = 0.0  # the same against supercategory names ("star" for stars of any color)
     category_background: float = 1.0  # weight of background pixels within those two losses
+    denoising: float = 1.0  # the denoising queries' losses (when a run has them), relative to the matched ones'
 
 
 @dataclass

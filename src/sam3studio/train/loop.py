@@ -25,6 +25,7 @@ from ..precision import Precision, PrecisionPlan, keep_sensitive_modules_fp32, r
 from ..speedups import PixelDecoderSkips
 from .criterion import LossWeights, Predictions, category_loss, set_criterion
 from .data import CocoSegmentationData, TrainingSample
+from .denoising import DenoisingCapture, DenoisingOutput, denoising_losses, denoising_pass, weighted_total
 
 CHECKPOINT_DIR = "checkpoint"
 CATEGORY_HEAD_FILE = "category_head.safetensors"
@@ -32,7 +33,7 @@ CATEGORY_HEAD_FILE = "category_head.safetensors"
 TRAINER_FILES = ("optimizer.safetensors", CATEGORY_HEAD_FILE, "trainer_state.json")
 # Settings a resumed run must share with the one it continues, or its batches and schedule change.
 RESUME_MUST_MATCH = ("data", "model", "steps", "images_per_step", "negatives_per_image", "coarse_negatives", "quality_targets", "dense_only", "lr", "weight_decay",
-                     "warmup_steps", "min_lr_ratio", "seed", "freeze", "image_size", "weights")
+                     "warmup_steps", "min_lr_ratio", "seed", "freeze", "image_size", "denoising_groups", "box_noise", "weights")
 FREEZABLE = {"vision": ("vision_encoder",), "text": ("text_encoder", "text_projection")}
 
 
@@ -47,6 +48,8 @@ class TrainConfig:
     coarse_negatives: int = 0  # of those, how many are absent supercategory names (see data.sample)
     quality_targets: bool = False  # scores learn each query's IoU, not the Hungarian match (see set_criterion)
     dense_only: bool = False  # train the encoders on the per-pixel category losses alone (see Trainer.dense_losses)
+    denoising_groups: int = 0  # noised copies of each target box run as extra decoder queries (see train.denoising); 0: off
+    box_noise: float = 0.4  # how far those copies are moved and resized, as a fraction of the box's size
     lr: float = 3e-4
     weight_decay: float = 0.05
     warmup_steps: int = 100
@@ -125,8 +128,10 @@ class CategoryHead(torch.nn.Module):
         return self.log_temperature.exp() * torch.einsum("bchw,kc->bkhw", pixels, classes)
 
 
-def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: PrecisionPlan) -> tuple[Predictions, list]:
-    """Encode each image once, then run every prompt of every image in one batched pass."""
+def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: PrecisionPlan, *, denoising_groups: int = 0,
+                  box_noise: float = 0.4) -> tuple[Predictions, list, DenoisingOutput | None]:
+    """Encode each image once, then run every prompt of every image in one batched pass; with
+    `denoising_groups`, also the denoising queries of those prompts' objects."""
     from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
     device = plan.device
@@ -135,7 +140,10 @@ def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: Precisi
     image_index = torch.tensor([i for i, _ in rows], device=device)
     tokens = tokenizer([p.text for _, p in rows], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     capture = LayerCapture(model)
+    denoising_capture = DenoisingCapture(model) if denoising_groups else None
     decoder = PixelDecoderSkips.install(model)
+    targets = [p for _, p in rows]
+    denoised = None
     try:
         with plan.autocast():
             vision = model.get_vision_features(pixel_values=pixels)
@@ -147,11 +155,15 @@ def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: Precisi
             skips = decoder.training_skips(vision.fpn_hidden_states[:-1], image_index)
             with decoder.using(skips):
                 output = model(vision_embeds=per_row, input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
+            if denoising_capture is not None:
+                denoised = denoising_pass(model, denoising_capture, targets, denoising_groups, box_noise)
         predictions = capture.predictions(output)
         predictions.pixel_features = vision.fpn_hidden_states[0]
-        return predictions, [p for _, p in rows]
+        return predictions, targets, denoised
     finally:
         capture.close()
+        if denoising_capture is not None:
+            denoising_capture.close()
 
 
 def scale_mask_logits_at_init(model, processor, target_std: float = 2.0) -> float:
@@ -320,8 +332,14 @@ class Trainer:
     def set_losses(self, samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
         """The full model's losses: the DETR set criterion on every prompt row, plus the
         per-pixel category losses when they are on."""
-        predictions, targets = forward_batch(self.model, self.processor.tokenizer, samples, self.plan)
-        losses = set_criterion(predictions, targets, self.config.weights, quality_targets=self.config.quality_targets)
+        config = self.config
+        predictions, targets, denoised = forward_batch(self.model, self.processor.tokenizer, samples, self.plan,
+                                                       denoising_groups=config.denoising_groups, box_noise=config.box_noise)
+        losses = set_criterion(predictions, targets, config.weights, quality_targets=config.quality_targets)
+        if denoised is not None:
+            extra = denoising_losses(denoised, config.weights)
+            losses["total"] = losses["total"] + weighted_total(extra, config.weights)
+            losses |= extra
         if self.category_head is not None:
             for level, loss in self._category_losses(predictions.pixel_features, samples).items():
                 losses[level] = loss

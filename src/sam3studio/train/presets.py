@@ -174,6 +174,18 @@ def demo_resolution_stage(out: str, data: str, steps: int = 800, image_size: int
     return replace(polish, out=str(Path(out) / "resolution"), model=str(Path(out) / "polish" / CHECKPOINT_DIR), steps=steps, image_size=image_size)
 
 
+def demo_denoising_stage(out: str, data: str, steps: int = 600):
+    """The whole model once more (in `out`/denoising), from `demo_resolution_stage`'s end, with
+    two groups of denoising queries per object beside the matched ones (`train.denoising`),
+    the resolution stage's settings otherwise. Why: the decoder never learned to place its
+    queries (box losses flat from step ~400 of 4,800; query boxes nearly the same for every
+    image), so a prompt with several objects got one mask over all of them from every query."""
+    from .loop import CHECKPOINT_DIR
+
+    resolution = demo_resolution_stage(out, data)
+    return replace(resolution, out=str(Path(out) / "denoising"), model=str(Path(out) / "resolution" / CHECKPOINT_DIR), steps=steps, denoising_groups=2)
+
+
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
     """Render the demo's train / val / test shapes datasets under `root`, unless already there."""
     from .shapes import write_dataset
