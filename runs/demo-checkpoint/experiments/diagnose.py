@@ -5,6 +5,10 @@
 Prints, per prompt kind ("blue star" vs "star"):
 - oracle mIoU and recall@0.5: each object's best IoU over all of its prompt's queries, whatever
   their scores. What a perfect scorer would reach; below it, the masks themselves are wrong.
+- oracle mIoU by how many objects the prompt has (1, 2, 3 or more): can the queries tell
+  two objects of one prompt apart, or does each query's mask cover all of them?
+- the query boxes: each object's best box IoU over the queries, and the box IoU of the
+  top-scoring query (the boxes are the decoder's own idea of where its query is);
 - the scored metrics at a few thresholds (as `sam3studio eval` counts them);
 - through the checkpoint's category head (trainer file), how often the vision features' best
   category for an object pixel has the right shape and the right color;
@@ -23,6 +27,7 @@ import torch
 
 from backbone_proxy import right_shape_and_color  # the sibling script
 from sam3studio.evaluate import collect, score
+from sam3studio.postprocess import mask_box
 from sam3studio.segmenter import load_segmenter
 from sam3studio.train.data import CocoSegmentationData, TrainingSample
 from sam3studio.train.presets import PROMPT_KINDS as KINDS
@@ -30,11 +35,12 @@ from sam3studio.train.presets import cases_of_kind
 from sam3studio.train.shapes import COLORS, write_dataset
 
 
-def oracle_ious(cases) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def oracle_ious(cases) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per prompt kind: each ground-truth object's best mask IoU over all queries of its prompt,
-    and its size (square root of its area over the image's)."""
+    its size (square root of its area over the image's) and how many objects its prompt has."""
     best: dict[str, list[float]] = {kind: [] for kind in KINDS}
     sizes: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    counts: dict[str, list[int]] = {kind: [] for kind in KINDS}
     for case in cases:
         height, width = case.raw.image_size
         rows = {p.text: r for r, p in enumerate(case.raw.prompts)}
@@ -47,7 +53,26 @@ def oracle_ious(cases) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
             kind = next(k for k, keep in KINDS.items() if keep(name))
             best[kind] += iou.max(1).tolist()
             sizes[kind] += np.sqrt(wanted.sum(1) / (height * width)).tolist()
-    return {k: np.asarray(v) for k, v in best.items()}, {k: np.asarray(v) for k, v in sizes.items()}
+            counts[kind] += [len(truth)] * len(truth)
+    return tuple({k: np.asarray(v) for k, v in table.items()} for table in (best, sizes, counts))
+
+
+def box_ious(cases) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per prompt kind: each object's best box IoU over its prompt's queries, and the box IoU
+    of its prompt's top-scoring query with it."""
+    from torchvision.ops import box_iou
+
+    found: dict[str, tuple[list[float], list[float]]] = {kind: ([], []) for kind in KINDS}
+    for case in cases:
+        rows = {p.text: r for r, p in enumerate(case.raw.prompts)}
+        for name, truth in case.truth.items():
+            row = rows[name]
+            wanted = torch.tensor([mask_box(m) for m in truth])
+            iou = box_iou(torch.from_numpy(np.array(case.raw.boxes[row])), wanted)  # (queries, objects)
+            kind = next(k for k, keep in KINDS.items() if keep(name))
+            found[kind][0].extend(iou.amax(0).tolist())
+            found[kind][1].extend(iou[int(np.argmax(case.raw.scores[row]))].tolist())
+    return {k: (np.asarray(best), np.asarray(top)) for k, (best, top) in found.items()}
 
 
 def samples(data: CocoSegmentationData, images, count: int) -> Iterator[TrainingSample]:
@@ -141,13 +166,20 @@ def queries(args, data: CocoSegmentationData) -> None:
     """Oracle and scored metrics of the model's answers, per prompt kind."""
     seg = load_segmenter(args.checkpoint, precision="fp32", device="cpu", force_precision=True)
     cases, _ = collect(seg, data, precision="fp32", limit=args.scenes)
-    oracle, sizes = oracle_ious(cases)
+    oracle, sizes, counts = oracle_ious(cases)
+    boxes = box_ious(cases)
     for kind, best in oracle.items():
         print(f"{kind}: {len(best)} objects, oracle mIoU {best.mean():.3f}, oracle recall@0.5 {(best >= 0.5).mean():.3f}")
         for low, high in ((0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 1)):
             within = (sizes[kind] >= low) & (sizes[kind] < high)
             if within.any():
                 print(f"  objects {low:.1f}-{high:.1f} of the image side: {within.sum()}, oracle mIoU {best[within].mean():.3f}")
+        for count in (1, 2, 3):
+            within = counts[kind] == count if count < 3 else counts[kind] >= count
+            if within.any():
+                print(f"  objects whose prompt has {count}{'+' if count == 3 else ''}: {within.sum()}, oracle mIoU {best[within].mean():.3f}")
+        best_box, top_box = boxes[kind]
+        print(f"  query boxes: best box IoU {best_box.mean():.3f} (>= 0.5: {(best_box >= 0.5).mean():.3f}), top-scoring query's {top_box.mean():.3f}")
     for threshold in (float(t) for t in args.thresholds.split(",")):
         for kind, keep in {"all": lambda name: True, **KINDS}.items():
             subset = cases_of_kind(cases, keep)
