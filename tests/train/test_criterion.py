@@ -137,3 +137,27 @@ def test_category_loss_weighs_background_pixels_as_asked():
     per_background_pixel = plain * 16 / 12  # the 4 object pixels cost ~0
     # a weighted mean: 12 background pixels at weight 0.1 against 4 object pixels at 1
     assert abs(light - per_background_pixel * 12 * 0.1 / (12 * 0.1 + 4)) < 1e-3 * plain
+
+
+def test_position_targets_are_waves_along_x_and_y():
+    from sam3studio.train.criterion import POSITION_AMPLITUDE, POSITION_FREQUENCIES, position_targets
+
+    waves = position_targets(16)
+    assert waves.shape == (4 * len(POSITION_FREQUENCIES), 16, 16)
+    sin_x, sin_y = waves[0], waves[1]
+    assert torch.equal(sin_x, sin_x[:1].expand(16, 16)) and torch.equal(sin_y, sin_y[:, :1].expand(16, 16))
+    assert torch.allclose(sin_x[0], sin_y[:, 0])
+    assert sin_x[0, 3] > 0 > sin_x[0, 12], "one cycle across the image at the lowest frequency"
+    assert torch.allclose(waves.abs().amax(), torch.tensor(POSITION_AMPLITUDE), atol=0.01)
+
+
+def test_position_loss_is_zero_only_when_the_channels_hold_the_position():
+    from sam3studio.train.criterion import position_loss, position_targets
+
+    waves = position_targets(12)
+    exact = torch.cat([waves, torch.randn(5, 12, 12)])[None].repeat(2, 1, 1, 1)
+    assert float(position_loss(exact)) < 1e-10, "the other channels are free"
+    assert float(position_loss(exact.flip(-1))) > 0.01
+    features = exact.clone().requires_grad_()
+    position_loss(features * 0.5).backward()
+    assert features.grad[:, : len(waves)].abs().sum() > 0 and features.grad[:, len(waves) :].abs().sum() == 0

@@ -5,14 +5,13 @@ import torch
 from sam3studio.train.criterion import LossWeights
 from sam3studio.train.data import PromptTarget
 from sam3studio.train.denoising import (
-    DenoisingCapture,
     DenoisingOutput,
     _decode,
     denoising_losses,
     denoising_pass,
     noised_boxes,
 )
-from sam3studio.train.loop import TrainConfig, Trainer, forward_batch, load_for_training, train
+from sam3studio.train.loop import LayerCapture, TrainConfig, Trainer, forward_batch, load_for_training, train
 from sam3studio.train.shapes import SceneConfig, write_dataset
 
 
@@ -46,7 +45,7 @@ def test_the_decoder_loop_reproduces_the_models_own_decoder(shapes, tiny_checkpo
     `Sam3Model.forward` gives: the same boxes at every layer and the same masks."""
     trainer = _trainer(shapes, tiny_checkpoint, tmp_path)
     model = trainer.model.eval()
-    capture = DenoisingCapture(model)
+    capture = LayerCapture(model)  # a second one beside forward_batch's: the decoder inputs are kept after it
     try:
         with torch.no_grad():
             predictions, targets, _ = forward_batch(model, trainer.processor.tokenizer, trainer.batch(0), trainer.plan)
@@ -55,7 +54,7 @@ def test_the_decoder_loop_reproduces_the_models_own_decoder(shapes, tiny_checkpo
             reference = decoder.reference_points.weight.sigmoid()[None].expand(rows, -1, -1)
             content = decoder.query_embed.weight[None].expand(rows, -1, -1)
             boxes, hidden = _decode(decoder, capture.decoder_inputs, reference, content)
-            masks = torch.einsum("bqc,bchw->bqhw", model.mask_decoder.mask_embedder(hidden), capture.pixel_embeddings)
+            masks = torch.einsum("bqc,bchw->bqhw", model.mask_decoder.mask_embedder(hidden), predictions.mask_features)
     finally:
         capture.close()
     assert torch.allclose(boxes, predictions.boxes, atol=1e-5)
@@ -64,11 +63,10 @@ def test_the_decoder_loop_reproduces_the_models_own_decoder(shapes, tiny_checkpo
 
 def test_denoising_queries_train_the_decoder(shapes, tiny_checkpoint, tmp_path):
     trainer = _trainer(shapes, tiny_checkpoint, tmp_path, denoising_groups=2)
-    samples = trainer.batch(0)
-    capture = DenoisingCapture(trainer.model)
+    capture = LayerCapture(trainer.model)
     try:
-        _, targets, _ = forward_batch(trainer.model, trainer.processor.tokenizer, samples, trainer.plan)
-        output = denoising_pass(trainer.model, capture, targets, groups=2, noise=0.4)
+        predictions, targets, _ = forward_batch(trainer.model, trainer.processor.tokenizer, trainer.batch(0), trainer.plan)
+        output = denoising_pass(trainer.model, capture.decoder_inputs, predictions.mask_features, targets, groups=2, noise=0.4)
     finally:
         capture.close()
     objects = [len(t.boxes) for t in targets]
@@ -103,10 +101,11 @@ def test_denoising_losses_are_zero_for_exact_answers():
     assert all(float(v) > 0.5 for k, v in wrong.items() if k != "denoise_mask_focal") and float(wrong["denoise_mask_focal"]) > 1
 
 
-def test_a_run_with_denoising_saves_and_resumes(shapes, tiny_checkpoint, tmp_path):
+def test_a_run_with_denoising_and_position_channels_saves_and_resumes(shapes, tiny_checkpoint, tmp_path):
     config = TrainConfig(data=str(shapes), out=str(tmp_path / "run"), model=str(tiny_checkpoint), steps=2, images_per_step=2, warmup_steps=1,
-                         log_every=1, precision="fp32", denoising_groups=1)
+                         log_every=1, precision="fp32", denoising_groups=1, weights=LossWeights(position=5.0))
     trainer = train(config)
-    assert trainer.step == 2 and "denoise_mask_dice" in trainer.history[-1]["losses"]
+    logged = trainer.history[-1]["losses"]
+    assert trainer.step == 2 and "denoise_mask_dice" in logged and logged["position"] > 0
     with pytest.raises(ValueError, match="denoising_groups"):
         train(TrainConfig(**{**config.__dict__, "denoising_groups": 2}))

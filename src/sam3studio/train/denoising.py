@@ -11,8 +11,8 @@ object of the prompt. An object alone under its prompt is found well (oracle mas
 but two or three objects under one prompt are not (0.47 and 0.32). That is most shape-only
 prompts ("star" with three stars), and runs/demo-checkpoint/RESUME.md has the figures.
 
-The denoising pass reuses the normal forward's decoder inputs and pixel embeddings (captured
-by hooks), and runs the decoder's own layers on the noised boxes. Nothing of it exists at
+The denoising pass reuses the normal forward's decoder inputs and mask features (captured
+by hooks in `loop.LayerCapture`), and runs the decoder's own layers on the noised boxes. Nothing of it exists at
 inference: the model's classes and files stay `Sam3Model`'s.
 """
 
@@ -48,39 +48,17 @@ def noised_boxes(boxes: torch.Tensor, noise: float) -> torch.Tensor:
     return torch.cat([center - size / 2, center + size / 2], dim=1).clamp(0.0, 1.0)
 
 
-class DenoisingCapture:
-    """Hooks that keep what the denoising pass needs from a normal `Sam3Model` forward: the
-    decoder's keyword inputs and the mask decoder's pixel embeddings."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.decoder_inputs: dict = {}
-        self.pixel_embeddings: torch.Tensor | None = None
-        self._handles = [
-            model.detr_decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
-            model.mask_decoder.instance_projection.register_forward_hook(self._on_pixels),
-        ]
-
-    def _on_decoder(self, module, args, kwargs) -> None:
-        self.decoder_inputs = dict(kwargs)
-
-    def _on_pixels(self, module, args, output) -> None:
-        self.pixel_embeddings = output
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def denoising_pass(model, capture: DenoisingCapture, targets: list[PromptTarget], groups: int, noise: float) -> DenoisingOutput | None:
+def denoising_pass(model, decoder_inputs: dict, mask_features: torch.Tensor, targets: list[PromptTarget], groups: int,
+                   noise: float) -> DenoisingOutput | None:
     """Run the decoder on `groups` noised copies of every target box of every row; None when
-    no row has an object. Call within the same autocast as the forward that filled `capture`."""
+    no row has an object. `decoder_inputs` (the decoder's keyword arguments) and `mask_features`
+    come from the normal forward (`loop.LayerCapture`); call within that forward's autocast."""
     counts = [len(t.boxes) * groups for t in targets]
     width = max(counts)
     if width == 0:
         return None
     decoder = model.detr_decoder
-    inputs = capture.decoder_inputs
-    device = inputs["vision_features"].device
+    device = decoder_inputs["vision_features"].device
     wanted = [_repeated(t, groups) for t in targets]
     starts = torch.tensor([0.25, 0.25, 0.75, 0.75], device=device).repeat(len(targets), width, 1)  # padding: ignored by the losses
     for row, target in enumerate(wanted):
@@ -89,9 +67,9 @@ def denoising_pass(model, capture: DenoisingCapture, targets: list[PromptTarget]
     # Content: learned query embeddings drawn at random, so that what the decoder learns here
     # (go to your box's object) holds for the queries it has at inference.
     content = decoder.query_embed.weight[torch.randint(len(decoder.query_embed.weight), (len(targets), width), device=device)]
-    boxes, hidden = _decode(decoder, inputs, _xyxy_to_cxcywh(starts), content)
+    boxes, hidden = _decode(decoder, decoder_inputs, _xyxy_to_cxcywh(starts), content)
     mask_embeddings = model.mask_decoder.mask_embedder(hidden)
-    masks = torch.einsum("bqc,bchw->bqhw", mask_embeddings, capture.pixel_embeddings)
+    masks = torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)
     return DenoisingOutput(boxes, masks, wanted)
 
 

@@ -23,9 +23,9 @@ import torch
 
 from ..precision import Precision, PrecisionPlan, keep_sensitive_modules_fp32, resolve
 from ..speedups import PixelDecoderSkips
-from .criterion import LossWeights, Predictions, category_loss, set_criterion
+from .criterion import LossWeights, Predictions, category_loss, position_loss, set_criterion
 from .data import CocoSegmentationData, TrainingSample
-from .denoising import DenoisingCapture, DenoisingOutput, denoising_losses, denoising_pass, weighted_total
+from .denoising import DenoisingOutput, denoising_losses, denoising_pass, weighted_total
 
 CHECKPOINT_DIR = "checkpoint"
 CATEGORY_HEAD_FILE = "category_head.safetensors"
@@ -76,17 +76,27 @@ class StepLog:
 
 class LayerCapture:
     """Collect what `Sam3Model.forward` computes for every decoder layer but returns only for
-    the last one: scores, reference boxes and box offsets, presence logits."""
+    the last one: scores, reference boxes and box offsets, presence logits; and, for the
+    denoising queries and the position loss, the decoder's inputs and the mask features."""
 
     def __init__(self, model: torch.nn.Module):
+        self.decoder_inputs: dict = {}
         self._handles = [
+            model.detr_decoder.register_forward_pre_hook(self._on_decoder_inputs, with_kwargs=True),
             model.detr_decoder.register_forward_hook(self._on_decoder),
             model.dot_product_scoring.register_forward_hook(self._on_scores),
             model.detr_decoder.box_head.register_forward_hook(self._on_box_head),
+            model.mask_decoder.instance_projection.register_forward_hook(self._on_mask_features),
         ]
+
+    def _on_decoder_inputs(self, module, args, kwargs) -> None:
+        self.decoder_inputs = dict(kwargs)
 
     def _on_decoder(self, module, args, output) -> None:
         self.decoder = output
+
+    def _on_mask_features(self, module, args, output) -> None:
+        self.mask_features = output
 
     def _on_scores(self, module, args, output) -> None:
         self.scores = output
@@ -99,7 +109,8 @@ class LayerCapture:
         from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
 
         boxes = box_cxcywh_to_xyxy((inverse_sigmoid(self.decoder.reference_boxes) + self.offsets).sigmoid())
-        return Predictions(self.scores.squeeze(-1), boxes, self.decoder.presence_logits, output.pred_masks, output.semantic_seg)
+        return Predictions(self.scores.squeeze(-1), boxes, self.decoder.presence_logits, output.pred_masks, output.semantic_seg,
+                           mask_features=self.mask_features)
 
     def close(self) -> None:
         for handle in self._handles:
@@ -140,7 +151,6 @@ def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: Precisi
     image_index = torch.tensor([i for i, _ in rows], device=device)
     tokens = tokenizer([p.text for _, p in rows], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     capture = LayerCapture(model)
-    denoising_capture = DenoisingCapture(model) if denoising_groups else None
     decoder = PixelDecoderSkips.install(model)
     targets = [p for _, p in rows]
     denoised = None
@@ -155,15 +165,13 @@ def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: Precisi
             skips = decoder.training_skips(vision.fpn_hidden_states[:-1], image_index)
             with decoder.using(skips):
                 output = model(vision_embeds=per_row, input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
-            if denoising_capture is not None:
-                denoised = denoising_pass(model, denoising_capture, targets, denoising_groups, box_noise)
+            if denoising_groups:
+                denoised = denoising_pass(model, capture.decoder_inputs, capture.mask_features, targets, denoising_groups, box_noise)
         predictions = capture.predictions(output)
         predictions.pixel_features = vision.fpn_hidden_states[0]
         return predictions, targets, denoised
     finally:
         capture.close()
-        if denoising_capture is not None:
-            denoising_capture.close()
 
 
 def scale_mask_logits_at_init(model, processor, target_std: float = 2.0) -> float:
@@ -336,6 +344,9 @@ class Trainer:
         predictions, targets, denoised = forward_batch(self.model, self.processor.tokenizer, samples, self.plan,
                                                        denoising_groups=config.denoising_groups, box_noise=config.box_noise)
         losses = set_criterion(predictions, targets, config.weights, quality_targets=config.quality_targets)
+        if config.weights.position:
+            losses["position"] = position_loss(predictions.mask_features)
+            losses["total"] = losses["total"] + config.weights.position * losses["position"]
         if denoised is not None:
             extra = denoising_losses(denoised, config.weights)
             losses["total"] = losses["total"] + weighted_total(extra, config.weights)
