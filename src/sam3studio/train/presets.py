@@ -184,7 +184,9 @@ def demo_separation_stage(out: str, data: str, steps: int = 500):
     (oracle mIoU 0.47 and 0.32, against 0.84 for an object alone). The decoder never learned to
     place its queries, and the mask features hardly say where a pixel is. Denoising queries
     alone (341 steps) taught the decoder to refine a given box but changed no mask: the masks
-    need the position in the features (runs/demo-checkpoint/RESUME.md)."""
+    need the position in the features. Not part of the recipe: in 176 steps this stage only
+    emptied the position channels (the features had lost the position in the ViT's first
+    layer, and did not regain it). runs/demo-checkpoint/RESUME.md has the figures."""
     from .loop import CHECKPOINT_DIR
 
     resolution = demo_resolution_stage(out, data)
