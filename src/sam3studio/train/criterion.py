@@ -103,12 +103,12 @@ def set_criterion(predictions: Predictions, targets: list[PromptTarget], weights
             for r, (q, _) in enumerate(matches):
                 labels[r, q] = 1.0
             cls = sigmoid_focal_loss(p.logits[layer], labels, reduction="sum") / count
-        l1, giou = _box_losses(p.boxes[layer], targets, matches, count)
+        l1, giou = box_losses(p.boxes[layer], targets, matches, count)
         _add(losses, "classification", scale * cls)
         _add(losses, "box_l1", scale * l1)
         _add(losses, "box_giou", scale * giou)
         if last:
-            losses["mask_focal"], losses["mask_dice"] = _mask_losses(p.masks, targets, matches, count)
+            losses["mask_focal"], losses["mask_dice"] = mask_losses(p.masks, targets, matches, count)
     present = torch.tensor([[float(len(t.boxes) > 0)] for t in targets], device=device)
     losses["presence"] = F.binary_cross_entropy_with_logits(p.presence, present.expand_as(p.presence))
     if p.semantic is not None:
@@ -148,7 +148,7 @@ def _add(losses: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> Non
     losses[name] = losses[name] + value if name in losses else value
 
 
-def _box_losses(boxes: torch.Tensor, targets, matches, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def box_losses(boxes: torch.Tensor, targets, matches, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     predicted, wanted = _gather(boxes, [torch.as_tensor(t.boxes) for t in targets], matches)
     if predicted.numel() == 0:
         zero = boxes.sum() * 0.0  # keeps the graph; no matched boxes in this batch
@@ -158,7 +158,7 @@ def _box_losses(boxes: torch.Tensor, targets, matches, count: int) -> tuple[torc
     return l1, giou
 
 
-def _mask_losses(masks: torch.Tensor, targets, matches, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_losses(masks: torch.Tensor, targets, matches, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     predicted, wanted = _gather(masks, [torch.as_tensor(t.masks) for t in targets], matches)
     if predicted.numel() == 0:
         zero = masks.sum() * 0.0
@@ -219,7 +219,9 @@ def position_loss(mask_features: torch.Tensor) -> torch.Tensor:
     one of two like objects if the features say where each pixel is. In the demo model trained
     without this loss they hardly do (a linear read-out of x and y from them: R^2 below 0 on
     unseen images), and a prompt with several objects got one mask over all of them from every
-    query. Fixed channels need no extra head, and the mask embedder can weigh them directly."""
+    query. Fixed channels need no extra head, and the mask embedder can weigh them directly.
+    Turned on only in the last stage of the trained model, it emptied the channels rather than
+    filled them (`presets.demo_separation_stage`): the position was already lost in the ViT."""
     wanted = position_targets(mask_features.shape[-1], mask_features.device)
     return F.mse_loss(mask_features[:, : len(wanted)].float(), wanted.expand(len(mask_features), -1, -1, -1))
 

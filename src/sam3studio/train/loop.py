@@ -339,7 +339,7 @@ class Trainer:
 
     def set_losses(self, samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
         """The full model's losses: the DETR set criterion on every prompt row, plus the
-        per-pixel category losses when they are on."""
+        position, denoising and per-pixel category losses of those that are on."""
         config = self.config
         predictions, targets, denoised = forward_batch(self.model, self.processor.tokenizer, samples, self.plan,
                                                        denoising_groups=config.denoising_groups, box_noise=config.box_noise)
