@@ -212,6 +212,16 @@ def test_dense_only_trains_the_encoders_and_leaves_the_decoders_alone(shapes, ti
         Trainer(_config(shapes, tiny_checkpoint, tmp_path / "none", dense_only=True), model, processor)
 
 
+def test_dense_only_steps_train_position_channels_in_the_vision_features(shapes, tiny_checkpoint, tmp_path):
+    from sam3studio.train.criterion import LossWeights
+
+    weights = LossWeights(category=1.0, category_background=0.1, position=10.0)
+    trainer = train(_config(shapes, tiny_checkpoint, tmp_path, dense_only=True, steps=30, weights=weights))
+    assert set(trainer.history[0]["losses"]) == {"category", "position", "total"}
+    position = [entry["losses"]["position"] for entry in trainer.history]
+    assert np.mean(position[-5:]) < 0.8 * np.mean(position[:5]), position
+
+
 def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(shapes, tiny_checkpoint, tmp_path):
     half = train(_config(shapes, tiny_checkpoint, tmp_path), on_log=_stop_after(3))
     state_file = tmp_path / CHECKPOINT_DIR / "trainer_state.json"

@@ -43,6 +43,7 @@ def stage_features(model, processor, data: CocoSegmentationData, scenes: int) ->
                                  mean=images.image_mean, std=images.image_std, flip=False)
             with torch.no_grad():
                 predictions, _, _ = forward_batch(model, processor.tokenizer, [sample], resolve("fp32", "cpu"))
+            kept["finest vision features (FPN)"] = predictions.pixel_features
             kept["mask features"] = predictions.mask_features
             for name, tensor in kept.items():
                 found.setdefault(name, []).append(_as_grid(tensor[:1].float()))

@@ -31,7 +31,7 @@ class LossWeights:
     supercategory: float = 0.0  # the same against supercategory names ("star" for stars of any color)
     category_background: float = 1.0  # weight of background pixels within those two losses
     denoising: float = 1.0  # the denoising queries' losses (when a run has them), relative to the matched ones'
-    position: float = 0.0  # the mask features' position channels (see position_loss); 0: off
+    position: float = 0.0  # position channels (see position_loss) in the mask features, or in a dense-only step the finest vision features; 0: off
 
 
 @dataclass

@@ -368,6 +368,8 @@ class Trainer:
         with self.plan.autocast():
             features = self.model.get_vision_features(pixel_values=pixels).fpn_hidden_states[0]
         losses = self._category_losses(features, samples)
+        if self.config.weights.position:
+            losses["position"] = position_loss(features)  # no mask features without a decoder: the finest vision features
         losses["total"] = sum(getattr(self.config.weights, level) * loss for level, loss in losses.items())
         return losses
 
