@@ -220,8 +220,11 @@ def position_loss(mask_features: torch.Tensor) -> torch.Tensor:
     without this loss they hardly do (a linear read-out of x and y from them: R^2 below 0 on
     unseen images), and a prompt with several objects got one mask over all of them from every
     query. Fixed channels need no extra head, and the mask embedder can weigh them directly.
-    Turned on only in the last stage of the trained model, it emptied the channels rather than
-    filled them (`presets.demo_separation_stage`): the position was already lost in the ViT."""
+    Not yet in the demo recipe, because it has not worked so far. Turned on in the trained
+    model's last stage, it emptied the channels rather than filled them
+    (`presets.demo_separation_stage`): the ViT had already lost the position. From scratch in
+    the encoder stage it learned nothing in 200 steps: fresh features have a scale of ~0.001,
+    far from the targets'. runs/demo-checkpoint/RESUME.md has the figures."""
     wanted = position_targets(mask_features.shape[-1], mask_features.device)
     return F.mse_loss(mask_features[:, : len(wanted)].float(), wanted.expand(len(mask_features), -1, -1, -1))
 
