@@ -155,9 +155,13 @@ def test_position_loss_is_zero_only_when_the_channels_hold_the_position():
     from sam3studio.train.criterion import position_loss, position_targets
 
     waves = position_targets(12)
-    exact = torch.cat([waves, torch.randn(5, 12, 12)])[None].repeat(2, 1, 1, 1)
-    assert float(position_loss(exact)) < 1e-10, "the other channels are free"
+    rest = torch.randn(5, 12, 12)
+    rest = rest / rest.norm(dim=0) * (1 - (waves**2).sum(0)).sqrt()  # each pixel's whole vector at length 1
+    exact = torch.cat([waves, rest])[None].repeat(2, 1, 1, 1)
+    assert float(position_loss(exact)) < 1e-10
+    assert float(position_loss(exact * 0.001)) < 1e-10, "the features' scale does not matter, only their direction"
     assert float(position_loss(exact.flip(-1))) > 0.01
-    features = exact.clone().requires_grad_()
-    position_loss(features * 0.5).backward()
-    assert features.grad[:, : len(waves)].abs().sum() > 0 and features.grad[:, len(waves) :].abs().sum() == 0
+    assert float(position_loss(torch.randn(2, 17, 12, 12))) > 0.01
+    features = exact.flip(-1).clone().requires_grad_()
+    position_loss(features).backward()
+    assert features.grad[:, : len(waves)].abs().sum() > 0

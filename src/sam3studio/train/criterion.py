@@ -212,8 +212,8 @@ def position_targets(size: int, device=None) -> torch.Tensor:
 
 
 def position_loss(mask_features: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the first 4 * F channels of the mask features (R, C, M, M)
-    and `position_targets`.
+    """Mean squared error between the first 4 * F channels of the mask features (R, C, M, M),
+    each pixel's vector scaled to length 1, and `position_targets`.
 
     Why: a query's mask is its embedding dotted with these features, so it can only single out
     one of two like objects if the features say where each pixel is. In the demo model trained
@@ -223,10 +223,13 @@ def position_loss(mask_features: torch.Tensor) -> torch.Tensor:
     Not yet in the demo recipe, because it has not worked so far. Turned on in the trained
     model's last stage, it emptied the channels rather than filled them
     (`presets.demo_separation_stage`): the ViT had already lost the position. From scratch in
-    the encoder stage it learned nothing in 200 steps: fresh features have a scale of ~0.001,
-    far from the targets'. runs/demo-checkpoint/RESUME.md has the figures."""
+    the encoder stage, compared as they were (not at length 1), it learned nothing in 200 steps:
+    fresh features have a scale of ~0.001, 250x below the targets', and only this loss asked
+    for more (the category head compares directions). runs/demo-checkpoint/RESUME.md has the
+    figures."""
     wanted = position_targets(mask_features.shape[-1], mask_features.device)
-    return F.mse_loss(mask_features[:, : len(wanted)].float(), wanted.expand(len(mask_features), -1, -1, -1))
+    unit = F.normalize(mask_features.float(), dim=1)
+    return F.mse_loss(unit[:, : len(wanted)], wanted.expand(len(mask_features), -1, -1, -1))
 
 
 def category_loss(logits: torch.Tensor, labels: torch.Tensor, background_weight: float = 1.0) -> torch.Tensor:
