@@ -225,8 +225,8 @@ def position_loss(mask_features: torch.Tensor) -> torch.Tensor:
     (`presets.demo_separation_stage`): the ViT had already lost the position. From scratch in
     the encoder stage, compared as they were (not at length 1), it learned nothing in 200 steps:
     fresh features have a scale of ~0.001, 250x below the targets', and only this loss asked
-    for more (the category head compares directions). runs/demo-checkpoint/RESUME.md has the
-    figures."""
+    for more (the category head compares directions). At length 1, as now, it did not learn in
+    200 steps either. runs/demo-checkpoint/RESUME.md has the figures."""
     wanted = position_targets(mask_features.shape[-1], mask_features.device)
     unit = F.normalize(mask_features.float(), dim=1)
     return F.mse_loss(unit[:, : len(wanted)], wanted.expand(len(mask_features), -1, -1, -1))
