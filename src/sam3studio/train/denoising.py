@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 
 from .criterion import LossWeights, box_losses, mask_losses
 from .data import PromptTarget
@@ -71,7 +72,7 @@ def denoising_pass(model, decoder_inputs: dict, mask_features: torch.Tensor, tar
     # Content: learned query embeddings drawn at random, so that what the decoder learns here
     # (go to your box's object) holds for the queries it has at inference.
     content = decoder.query_embed.weight[torch.randint(len(decoder.query_embed.weight), (len(targets), width), device=device)]
-    boxes, hidden = _decode(decoder, decoder_inputs, _xyxy_to_cxcywh(starts), content)
+    boxes, hidden = _decode(decoder, decoder_inputs, box_convert(starts, "xyxy", "cxcywh"), content)
     mask_embeddings = model.mask_decoder.mask_embedder(hidden)
     masks = torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)
     return DenoisingOutput(boxes, masks, wanted)
@@ -130,6 +131,3 @@ def _decode(decoder, inputs: dict, reference: torch.Tensor, content: torch.Tenso
 def _repeated(target: PromptTarget, groups: int) -> PromptTarget:
     return PromptTarget(target.text, np.concatenate([target.masks] * groups), np.concatenate([target.boxes] * groups))
 
-
-def _xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], dim=-1)
