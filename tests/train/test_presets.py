@@ -1,5 +1,6 @@
 """The demo recipe's export step, run on the tiny checkpoint and tiny shapes sets: it installs
-the model files only, with a calibrated threshold, test scores in fp32 and bf16, and a card."""
+the model files only, with a calibrated threshold, test scores in fp32 and bf16, and a card.
+And the sin/cos position table a fresh demo model can start from."""
 
 import json
 import shutil
@@ -8,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from sam3studio.loading import SETTINGS_FILE, load_model
-from sam3studio.train.presets import export_demo_model
+from sam3studio.train.loop import TrainConfig, load_for_training
+from sam3studio.train.presets import DEMO_IMAGE_SIZE, SINCOS_POSITION_NORM, export_demo_model, sincos_position_embeddings
 from sam3studio.train.shapes import SceneConfig, write_dataset
 
 
@@ -30,3 +32,24 @@ def test_export_installs_a_loadable_model_with_threshold_scores_and_card(tiny_ch
     assert "| fp32 |" in card and "| bf16 |" in card and "- steps: 6" in card
     assert "| fp32, color + shape prompts |" in card and "| fp32, shape-only prompts |" in card
     assert "112 px input, 32x32 masks" in card  # the tiny model's own sizes
+
+
+def test_sincos_position_table_tells_every_patch_apart_and_reads_out_linearly():
+    grid = 12
+    table = sincos_position_embeddings(grid, 32)
+    assert torch.allclose(table.norm(dim=1), torch.full((grid * grid,), SINCOS_POSITION_NORM))
+    assert torch.cdist(table, table).add(torch.eye(grid * grid)).min() > 0.01, "no two patches share a code"
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    where = torch.stack([xs.flatten(), ys.flatten()], 1)
+    design = torch.cat([table.double(), torch.ones(grid * grid, 1, dtype=torch.float64)], 1)
+    fitted = design @ torch.linalg.lstsq(design, where.double()).solution
+    r2 = 1 - ((fitted - where) ** 2).sum(0) / ((where - where.mean(0)) ** 2).sum(0)
+    assert (r2 > 0.99).all(), r2
+
+
+def test_a_fresh_run_starts_from_the_sincos_table_only_when_asked(tmp_path):
+    waves = sincos_position_embeddings(DEMO_IMAGE_SIZE // 14, 112)[None]
+    for asked in (True, False):
+        model, _ = load_for_training(TrainConfig(data=str(tmp_path), out=str(tmp_path / str(asked)), sincos_positions=asked))
+        table = model.vision_encoder.backbone.embeddings.position_embeddings.detach()
+        assert torch.equal(table, waves) is asked

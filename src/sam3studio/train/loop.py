@@ -63,6 +63,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "cpu"
     image_size: int | None = None  # input size; None: the model's own (DEMO_IMAGE_SIZE for a fresh demo architecture)
+    sincos_positions: bool = False  # a fresh demo architecture's ViT position table starts as sin/cos waves (see presets)
     weights: LossWeights = field(default_factory=LossWeights)
 
 
@@ -570,7 +571,7 @@ def load_for_training(config: TrainConfig):
         if config.image_size is None:
             return loaded.model, loaded.processor
         return with_input_size(loaded.model, loaded.processor, config.image_size)
-    model, processor = build_demo_model(config.image_size or DEMO_IMAGE_SIZE, seed=config.seed)
+    model, processor = build_demo_model(config.image_size or DEMO_IMAGE_SIZE, seed=config.seed, sincos_positions=config.sincos_positions)
     scale_mask_logits_at_init(model, processor)
     return model, processor
 
