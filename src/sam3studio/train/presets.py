@@ -77,6 +77,7 @@ def build_demo_model(image_size: int = DEMO_IMAGE_SIZE, seed: int = 0, sincos_po
     import torch
     from transformers import Sam3ImageProcessor, Sam3Model, Sam3Processor
 
+    grid = image_size // 14
     tokenizer = clip_tokenizer()
     bos, eos = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     config = demo_architecture(len(tokenizer), bos, eos, image_size)
@@ -93,8 +94,7 @@ def build_demo_model(image_size: int = DEMO_IMAGE_SIZE, seed: int = 0, sincos_po
             layer.cross_attn.o_proj.weight.mul_(5.0)
         if sincos_positions:
             table = model.vision_encoder.backbone.embeddings.position_embeddings
-            table.copy_(sincos_position_embeddings(image_size // 14, table.shape[-1])[None])
-    grid = image_size // 14
+            table.copy_(sincos_position_embeddings(grid, table.shape[-1])[None])
     image_processor = Sam3ImageProcessor(size={"height": image_size, "width": image_size}, mask_size={"height": 4 * grid, "width": 4 * grid})
     return model, Sam3Processor(image_processor=image_processor, tokenizer=tokenizer)
 
