@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from sam3studio.loading import SETTINGS_FILE, load_model
 from sam3studio.train.loop import TrainConfig, load_for_training
-from sam3studio.train.presets import DEMO_IMAGE_SIZE, SINCOS_POSITION_NORM, export_demo_model, sincos_position_embeddings
+from sam3studio.train.presets import DEMO_IMAGE_SIZE, SINCOS_POSITION_NORM, build_demo_model, export_demo_model, sincos_position_embeddings
+from sam3studio.train.resolution import with_input_size
 from sam3studio.train.shapes import SceneConfig, write_dataset
 
 
@@ -34,16 +35,30 @@ def test_export_installs_a_loadable_model_with_threshold_scores_and_card(tiny_ch
     assert "112 px input, 32x32 masks" in card  # the tiny model's own sizes
 
 
+def linear_position_r2(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """R^2 of x and of y, fitted linearly from a (grid * grid, width) position table."""
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    where = torch.stack([xs.flatten(), ys.flatten()], 1)
+    design = torch.cat([table.double(), torch.ones(grid * grid, 1, dtype=torch.float64)], 1)
+    fitted = design @ torch.linalg.lstsq(design, where).solution
+    return 1 - ((fitted - where) ** 2).sum(0) / ((where - where.mean(0)) ** 2).sum(0)
+
+
 def test_sincos_position_table_tells_every_patch_apart_and_reads_out_linearly():
     grid = 12
     table = sincos_position_embeddings(grid, 32)
     assert torch.allclose(table.norm(dim=1), torch.full((grid * grid,), SINCOS_POSITION_NORM))
     assert torch.cdist(table, table).add(torch.eye(grid * grid)).min() > 0.01, "no two patches share a code"
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
-    where = torch.stack([xs.flatten(), ys.flatten()], 1)
-    design = torch.cat([table.double(), torch.ones(grid * grid, 1, dtype=torch.float64)], 1)
-    fitted = design @ torch.linalg.lstsq(design, where.double()).solution
-    r2 = 1 - ((fitted - where) ** 2).sum(0) / ((where - where.mean(0)) ** 2).sum(0)
+    r2 = linear_position_r2(table, grid)
+    assert (r2 > 0.99).all(), r2
+
+
+def test_the_resolution_stage_stretches_the_sincos_table_without_losing_the_position():
+    model, processor = build_demo_model(sincos_positions=True)
+    resized, _ = with_input_size(model, processor, 420)
+    table = resized.vision_encoder.backbone.embeddings.position_embeddings.detach()[0]
+    assert table.shape == (30 * 30, 112)
+    r2 = linear_position_r2(table, 30)
     assert (r2 > 0.99).all(), r2
 
 

@@ -251,6 +251,28 @@ def demo_position_detector_stage(out: str, data: str, steps: int = DEMO_DETECTOR
                    weights=replace(detector.weights, position=20.0))
 
 
+def demo_position_polish_stage(out: str, data: str, steps: int = 1000):
+    """`demo_polish_stage` (in `out`/polish-position) from `demo_position_detector_stage`'s end,
+    the position loss kept on: a second, lower cosine cycle, as the shipped recipe has."""
+    from .loop import CHECKPOINT_DIR
+
+    detector = demo_position_detector_stage(out, data)
+    return replace(detector, out=str(Path(out) / "polish-position"), model=str(Path(out) / "detector-position" / CHECKPOINT_DIR), steps=steps,
+                   lr=1e-4, warmup_steps=50)
+
+
+def demo_position_resolution_stage(out: str, data: str, steps: int = 800, image_size: int = 420):
+    """`demo_resolution_stage` (in `out`/resolution-position) from `demo_position_polish_stage`'s
+    end, the position loss kept on. The ViT position table is stretched to the larger grid
+    (`resolution.with_input_size`), which keeps a sin/cos table's waves at the same places in
+    the image, and the loss's targets are in image coordinates, so neither needs relearning."""
+    from .loop import CHECKPOINT_DIR
+
+    polish = demo_position_polish_stage(out, data)
+    return replace(polish, out=str(Path(out) / "resolution-position"), model=str(Path(out) / "polish-position" / CHECKPOINT_DIR), steps=steps,
+                   image_size=image_size)
+
+
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
     """Render the demo's train / val / test shapes datasets under `root`, unless already there."""
     from .shapes import write_dataset
