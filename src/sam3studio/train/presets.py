@@ -151,6 +151,13 @@ def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
             demo_resolution_stage(out, data)]
 
 
+def _end_of(stage) -> str:
+    """Where a stage's final checkpoint is, which is where the stage after it starts."""
+    from .loop import CHECKPOINT_DIR
+
+    return str(Path(stage.out) / CHECKPOINT_DIR)
+
+
 def demo_encoder_stage(out: str, data: str, steps: int = 4000, lr: float = 3e-3):
     """The vision and text encoders alone (in `out`/encoder, from scratch), on the per-pixel
     losses against category and shape names, 8 images a step at a high rate, so that the
@@ -173,10 +180,10 @@ def demo_detector_stage(out: str, data: str, steps: int = DEMO_DETECTOR_STEPS):
     nearly all of them found something. The mask focal loss weighs 20, as in MaskFormer (at 5
     it was under 1% of the total)."""
     from .criterion import LossWeights
-    from .loop import CHECKPOINT_DIR, TrainConfig
+    from .loop import TrainConfig
 
     weights = LossWeights(category=2.0, supercategory=2.0, category_background=0.1, presence=3.0, mask_focal=20.0)
-    return TrainConfig(out=str(Path(out) / "detector"), model=str(Path(out) / "encoder" / CHECKPOINT_DIR), steps=steps, negatives_per_image=3,
+    return TrainConfig(out=str(Path(out) / "detector"), model=_end_of(demo_encoder_stage(out, data)), steps=steps, negatives_per_image=3,
                        coarse_negatives=1, quality_targets=True, lr=3e-4, warmup_steps=100, weights=weights, **_DEMO_COMMON, data=data)
 
 
@@ -186,10 +193,8 @@ def demo_polish_stage(out: str, data: str, steps: int = 1000):
     when its schedule ran out (validation oracle mIoU 0.705 -> 0.725 over its second half). It
     gained test mIoU 0.5436 -> 0.5537 (runs/demo-checkpoint/RESUME.md): more of the same is
     nearly spent."""
-    from .loop import CHECKPOINT_DIR
-
     detector = demo_detector_stage(out, data)
-    return replace(detector, out=str(Path(out) / "polish"), model=str(Path(out) / "detector" / CHECKPOINT_DIR), steps=steps, lr=1e-4, warmup_steps=50)
+    return replace(detector, out=str(Path(out) / "polish"), model=_end_of(detector), steps=steps, lr=1e-4, warmup_steps=50)
 
 
 def demo_resolution_stage(out: str, data: str, steps: int = 800, image_size: int = 420):
@@ -199,10 +204,8 @@ def demo_resolution_stage(out: str, data: str, steps: int = 800, image_size: int
     side, 0.86 at a fifth to three tenths), and they span one or two 14-pixel patches at 336 px.
     The polish stage's model read at 420 px without any training already gained validation mIoU
     0.514 -> 0.546 (60 scenes); 504 px gained less (0.524) and steps 3x slower, 420 px 1.5x."""
-    from .loop import CHECKPOINT_DIR
-
     polish = demo_polish_stage(out, data)
-    return replace(polish, out=str(Path(out) / "resolution"), model=str(Path(out) / "polish" / CHECKPOINT_DIR), steps=steps, image_size=image_size)
+    return replace(polish, out=str(Path(out) / "resolution"), model=_end_of(polish), steps=steps, image_size=image_size)
 
 
 def demo_separation_stage(out: str, data: str, steps: int = 500):
@@ -218,11 +221,9 @@ def demo_separation_stage(out: str, data: str, steps: int = 500):
     need the position in the features. Not part of the recipe: in 176 steps this stage only
     emptied the position channels (the features had lost the position in the ViT's first
     layer, and did not regain it). runs/demo-checkpoint/RESUME.md has the figures."""
-    from .loop import CHECKPOINT_DIR
-
     resolution = demo_resolution_stage(out, data)
     weights = replace(resolution.weights, position=20.0)
-    return replace(resolution, out=str(Path(out) / "separation"), model=str(Path(out) / "resolution" / CHECKPOINT_DIR), steps=steps,
+    return replace(resolution, out=str(Path(out) / "separation"), model=_end_of(resolution), steps=steps,
                    denoising_groups=2, weights=weights)
 
 
@@ -246,20 +247,16 @@ def demo_position_detector_stage(out: str, data: str, steps: int = DEMO_DETECTOR
     against 0.32-0.48 for the shipped model). By step 2,457 the validation mIoU at threshold
     0.425 was 0.693 (shipped model 0.562), held back by its scores rather than its masks
     (oracle mIoU 0.85 / 0.80 for color + shape / shape-only prompts)."""
-    from .loop import CHECKPOINT_DIR
-
     detector = demo_detector_stage(out, data, steps)
-    return replace(detector, out=str(Path(out) / "detector-position"), model=str(Path(out) / "encoder-position" / CHECKPOINT_DIR),
+    return replace(detector, out=str(Path(out) / "detector-position"), model=_end_of(demo_position_encoder_stage(out, data)),
                    weights=replace(detector.weights, position=20.0))
 
 
 def demo_position_polish_stage(out: str, data: str, steps: int = 1000):
     """`demo_polish_stage` (in `out`/polish-position) from `demo_position_detector_stage`'s end,
     the position loss kept on: a second, lower cosine cycle, as the shipped recipe has."""
-    from .loop import CHECKPOINT_DIR
-
     detector = demo_position_detector_stage(out, data)
-    return replace(detector, out=str(Path(out) / "polish-position"), model=str(Path(out) / "detector-position" / CHECKPOINT_DIR), steps=steps,
+    return replace(detector, out=str(Path(out) / "polish-position"), model=_end_of(detector), steps=steps,
                    lr=1e-4, warmup_steps=50)
 
 
@@ -268,10 +265,8 @@ def demo_position_resolution_stage(out: str, data: str, steps: int = 800, image_
     end, the position loss kept on. The ViT position table is stretched to the larger grid
     (`resolution.with_input_size`), which keeps a sin/cos table's waves at the same places in
     the image, and the loss's targets are in image coordinates, so neither needs relearning."""
-    from .loop import CHECKPOINT_DIR
-
     polish = demo_position_polish_stage(out, data)
-    return replace(polish, out=str(Path(out) / "resolution-position"), model=str(Path(out) / "polish-position" / CHECKPOINT_DIR), steps=steps,
+    return replace(polish, out=str(Path(out) / "resolution-position"), model=_end_of(polish), steps=steps,
                    image_size=image_size)
 
 
