@@ -10,6 +10,7 @@ Prints, per prompt kind ("blue star" vs "star"):
 - the query boxes: each object's best box IoU over the queries, and the box IoU of the
   top-scoring query (the boxes are the decoder's own idea of where its query is);
 - the scored metrics at a few thresholds (as `sam3studio eval` counts them);
+- at each threshold, what the wrong answers are (see `wrong_answers`);
 - through the checkpoint's category head (trainer file), how often the vision features' best
   category for an object pixel has the right shape and the right color;
 - how well a linear probe names an object's shape from its mean-pooled vision features.
@@ -27,7 +28,7 @@ import torch
 
 from backbone_proxy import right_shape_and_color  # the sibling script
 from sam3studio.evaluate import collect, score
-from sam3studio.postprocess import mask_box
+from sam3studio.postprocess import mask_box, select
 from sam3studio.segmenter import load_segmenter
 from sam3studio.train.data import CocoSegmentationData, TrainingSample
 from sam3studio.train.presets import PROMPT_KINDS as KINDS
@@ -73,6 +74,54 @@ def box_ious(cases) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             found[kind][0].extend(iou.amax(0).tolist())
             found[kind][1].extend(iou[int(np.argmax(case.raw.scores[row]))].tolist())
     return {k: (np.asarray(best), np.asarray(top)) for k, (best, top) in found.items()}
+
+
+def wrong_answers(cases, threshold: float) -> dict[str, int]:
+    """Count the answers kept at `threshold` that `sam3studio eval` does not match to an object
+    of their prompt at IoU 0.5, by what they cover: one of the prompt's own objects, badly drawn
+    (IoU 0.1-0.5) or already found by a better answer; another object of the scene (most of the
+    answer on it), one of the same color or of the same shape as the prompt asks, or neither;
+    or background. Answers to absent prompts are all wrong; they are counted apart."""
+    counts: dict[str, int] = {}
+    for case in cases:
+        objects = [(name, mask) for name, masks in case.truth.items() if " " in name for mask in masks]  # each object once
+        found: dict[str, list] = {}
+        for answer in select(case.raw, threshold=threshold).instances:
+            found.setdefault(answer.label, []).append(answer)
+        for name, answers in found.items():
+            present = name in case.truth
+            matched = set()
+            for answer in sorted(answers, key=lambda a: -a.score):
+                kind = _answer_kind(name, answer.mask, objects, matched)
+                if kind != "right" or not present:
+                    key = f"{'present' if present else 'absent'} prompt, {kind}"
+                    counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _answer_kind(prompt: str, answer: np.ndarray, objects: list[tuple[str, np.ndarray]], matched: set[int]) -> str:
+    area = max(int(answer.sum()), 1)
+    overlaps = [(int((answer & mask).sum()), index) for index, (_, mask) in enumerate(objects)]
+    ious = {index: inter / (area + int(objects[index][1].sum()) - inter) for inter, index in overlaps}
+    own = [i for i, (name, _) in enumerate(objects) if prompt in (name, name.split()[1])]
+    best_own = max(own, key=lambda i: ious[i], default=None)
+    if best_own is not None and ious[best_own] >= 0.5:
+        if best_own in matched:
+            return "a duplicate of its object"
+        matched.add(best_own)
+        return "right"
+    if best_own is not None and ious[best_own] >= 0.1:
+        return "its own object, badly drawn"
+    inter, index = max(overlaps, default=(0, -1))
+    if inter < area / 2:
+        return "background or spread"
+    other = objects[index][0].split()
+    asked = prompt.split()
+    if len(asked) == 2 and other[0] == asked[0]:
+        return "another object of the same color"
+    if other[1] == asked[-1]:
+        return "another object of the same shape"
+    return "another object, neither color nor shape"
 
 
 def samples(data: CocoSegmentationData, images, count: int) -> Iterator[TrainingSample]:
@@ -151,6 +200,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=60)
     parser.add_argument("--thresholds", default="0.1,0.2,0.3,0.5")
     parser.add_argument("--features-only", action="store_true", help="only the vision features (a checkpoint of the encoder stage)")
+    parser.add_argument("--queries-only", action="store_true", help="only the answers, not the vision features")
     args = parser.parse_args()
     if not Path(args.val, "annotations.json").is_file():
         write_dataset(args.val, 200, 202)  # the demo recipe's validation split
@@ -159,7 +209,8 @@ def main() -> None:
     data = CocoSegmentationData(args.val)
     if not args.features_only:
         queries(args, data)
-    features(args, data)
+    if not args.queries_only:
+        features(args, data)
 
 
 def queries(args, data: CocoSegmentationData) -> None:
@@ -184,8 +235,10 @@ def queries(args, data: CocoSegmentationData) -> None:
         for kind, keep in {"all": lambda name: True, **KINDS}.items():
             subset = cases_of_kind(cases, keep)
             r = score(subset, threshold)
-            print(f"threshold {threshold:.2f} {kind:>27}: mIoU {r.miou:.3f}, precision@0.5 {r.precision_at_50:.3f}, "
+            print(f"threshold {threshold:g} {kind:>27}: mIoU {r.miou:.3f}, precision@0.5 {r.precision_at_50:.3f}, "
                   f"recall@0.5 {r.recall_at_50:.3f}, FP absent {r.negative_fp_rate:.3f} of {sum(len(c.negatives) for c in subset)}")
+        for what, count in wrong_answers(cases, threshold).items():
+            print(f"  wrong answers at {threshold:g}, {what}: {count}")
 
 
 def features(args, data: CocoSegmentationData) -> None:
