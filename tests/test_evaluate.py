@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sam3studio.evaluate import EvalCase, best_queries, calibrate_threshold, collect, score
+from sam3studio.evaluate import EvalCase, best_queries, calibrate_scoring, calibrate_threshold, collect, score
 from sam3studio.types import Prompt, RawPrediction
 
 
@@ -47,6 +47,22 @@ def test_calibration_trades_recall_against_false_positives():
     assert calibrate_threshold([_case()], np.array([0.3, 0.5])) == 0.5
     assert calibrate_threshold([_case()], np.array([0.3, 0.5, 0.85])) == 0.85
     assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85])) == 0.15  # a tie goes lower
+
+
+def test_scoring_calibration_takes_the_mask_confidence_when_it_ranks_better():
+    # Prompt "a": its object found by a sure mask at 0.6 and, scoring higher, a hesitant mask
+    # (probability 0.55 inside) over 40% of it, too little to count as the object or to be
+    # dropped as its copy. By score alone no threshold keeps the object without the fragment
+    # (best F1 2/3); times the confidence the fragment falls to 0.495 (0.27 squared) and a
+    # threshold between it and 0.6 keeps the object alone (F1 1).
+    sure = _logits((0, 0, 10, 10))
+    hesitant = np.where(_logits((0, 0, 10, 4)) > 0, np.log(0.55 / 0.45), -10.0).astype(np.float32)
+    raw = RawPrediction((20, 20), [Prompt("a")], np.array([[0.9, 0.6]], np.float32), np.zeros((1, 2, 4), np.float32),
+                        np.stack([[hesitant, sure]]), "t", "fp32", "fp32")
+    case = EvalCase(raw, {"a": _mask((0, 0, 10, 10))[None]}, [])
+    power, threshold = calibrate_scoring([case])
+    assert power > 0 and 0.9 * 0.55**power < threshold <= 0.6
+    assert calibrate_scoring([_case()]) == (0.0, calibrate_threshold([_case()])), "sure masks alike: a tie keeps the scores as they are"
 
 
 def test_collect_runs_the_model_on_a_dataset(tmp_path, segmenter):

@@ -1,5 +1,6 @@
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,21 @@ def test_a_model_can_ship_its_own_score_threshold(tiny_checkpoint, tmp_path, sce
     (folder / "sam3studio.json").write_text(json.dumps({"score_threshold": 7}))
     with pytest.raises(ModelLoadError, match="not between 0 and 1"):
         load_model(str(folder))
+
+
+def test_a_model_can_ship_a_mask_confidence_power(tiny_checkpoint, tmp_path, scene):
+    import json
+
+    from sam3studio.postprocess import mask_confidence
+
+    folder = tmp_path / "rescored"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "sam3studio.json").write_text(json.dumps({"score_threshold": 0.3, "mask_confidence_power": 2}))
+    plain = load_segmenter(str(tiny_checkpoint), precision="fp32").predict(scene, "red square, blue circle")
+    rescored = load_segmenter(str(folder), precision="fp32").predict(scene, "red square, blue circle")
+    assert np.allclose(rescored.scores, plain.scores * mask_confidence(plain.mask_logits) ** 2, atol=1e-6)
+    assert not np.allclose(rescored.scores, plain.scores), "the tiny model's masks are not all sure"
+    for bad in (-1, 17, "high"):
+        (folder / "sam3studio.json").write_text(json.dumps({"score_threshold": 0.3, "mask_confidence_power": bad}))
+        with pytest.raises(ModelLoadError, match="mask_confidence_power|not valid"):
+            load_model(str(folder))

@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 
-from sam3studio.postprocess import OptionError, check_options, mask_box, refine_mask, select, suppress_duplicates
+from sam3studio.postprocess import OptionError, check_options, mask_box, mask_confidence, refine_mask, select, suppress_duplicates, with_mask_confidence
 from sam3studio.types import Instance, Prompt, RawPrediction
 
 
@@ -43,6 +43,20 @@ def test_mask_threshold_and_upsampling_to_image_size():
     mask = result.instances[0].mask
     assert mask.shape == (40, 60)
     assert mask[:18, :28].all() and not mask[22:, 32:].any()  # top-left quarter, bilinear edge
+
+
+def test_mask_confidence_ranks_a_sure_mask_above_a_hesitant_one():
+    sure = _square()  # logits +10 inside: probability ~1 on every kept pixel
+    hesitant = np.where(sure > 0, np.log(0.6 / 0.4), -10.0).astype(np.float32)  # probability 0.6 inside
+    empty = np.full((40, 60), -3.0, np.float32)
+    confidence = mask_confidence(np.stack([[sure, hesitant, empty]]))
+    assert confidence.shape == (1, 3)
+    assert confidence[0] == pytest.approx([1.0, 0.6, 0.0], abs=1e-4)
+    raw = _raw([[0.5, 0.8, 0.9]], [[sure, hesitant, empty]])
+    assert with_mask_confidence(raw, 0.0) is raw, "power 0 leaves the model's scores alone"
+    rescored = with_mask_confidence(raw, 2.0)
+    assert rescored.scores[0] == pytest.approx([0.5, 0.8 * 0.36, 0.0], abs=1e-4)
+    assert rescored.scores.dtype == np.float32 and raw.scores[0, 1] == pytest.approx(0.8)
 
 
 def test_empty_masks_are_dropped():

@@ -19,6 +19,7 @@ DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.md"]
 SETTINGS_FILE = "sam3studio.json"  # settings a model ships with, e.g. its calibrated score threshold
 DEFAULT_SCORE_THRESHOLD = 0.5
+MAX_MASK_CONFIDENCE_POWER = 16.0  # beyond it the confidence alone decides the score
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -34,6 +35,7 @@ class LoadedModel:
     folder: Path  # where the files were read from
     revision: str | None  # hub commit hash, when loaded from the hub cache
     score_threshold: float = DEFAULT_SCORE_THRESHOLD  # the model's own default, from SETTINGS_FILE
+    mask_confidence_power: float = 0.0  # from SETTINGS_FILE; see postprocess.with_mask_confidence
 
 
 def offline_requested(offline: bool | None = None) -> bool:
@@ -139,7 +141,7 @@ def load_model(
             f"{folder}: {len(missing)} weights are missing from the checkpoint (e.g. {missing[:3]}); "
             "it is not a complete SAM3 model."
         )
-    return LoadedModel(model.to(device).eval(), processor, str(name), folder, hub_revision, _score_threshold(folder))
+    return LoadedModel(model.to(device).eval(), processor, str(name), folder, hub_revision, *_model_settings(folder))
 
 
 def _from_pretrained(folder: Path, weights_dtype: torch.dtype):
@@ -185,18 +187,23 @@ def _model_class(weights_dtype: torch.dtype) -> type:
     return type("Sam3ModelHalfWeights", (Sam3Model,), {"_keep_in_fp32_modules_strict": list(FP32_MODULE_NAMES)})
 
 
-def _score_threshold(folder: Path) -> float:
-    """The threshold calibrated for this model, if it ships one; 0.5 otherwise."""
+def _model_settings(folder: Path) -> tuple[float, float]:
+    """The score threshold and mask-confidence power calibrated for this model, if it ships
+    them; 0.5 and 0 (scores as the model gives them) otherwise."""
     path = folder / SETTINGS_FILE
     if not path.is_file():
-        return DEFAULT_SCORE_THRESHOLD
+        return DEFAULT_SCORE_THRESHOLD, 0.0
     try:
-        value = float(json.loads(path.read_text(encoding="utf-8"))["score_threshold"])
-    except (ValueError, KeyError, TypeError) as exc:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        threshold = float(settings["score_threshold"])
+        power = float(settings.get("mask_confidence_power", 0.0))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(f"{path} is not valid: {exc}") from None
-    if not 0.0 <= value <= 1.0:
-        raise ModelLoadError(f"{path}: score_threshold {value} is not between 0 and 1.")
-    return value
+    if not 0.0 <= threshold <= 1.0:
+        raise ModelLoadError(f"{path}: score_threshold {threshold} is not between 0 and 1.")
+    if not 0.0 <= power <= MAX_MASK_CONFIDENCE_POWER:
+        raise ModelLoadError(f"{path}: mask_confidence_power {power} is not between 0 and {MAX_MASK_CONFIDENCE_POWER}.")
+    return threshold, power
 
 
 def _require_safetensors(folder: Path) -> None:

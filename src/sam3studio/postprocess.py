@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -95,6 +96,26 @@ def select(
         fallback_fp32=raw.fallback_fp32,
         timings_ms=raw.timings_ms | {"postprocess": (time.perf_counter() - started) * 1000},
     )
+
+
+def with_mask_confidence(raw: RawPrediction, power: float) -> RawPrediction:
+    """`raw` with each query's score multiplied by its mask's confidence to `power`, as
+    Mask2Former scores its instances. A mask that fits its object is confident to its edges; a
+    fragment, or one mask over two objects, is not, yet the demo model's queries score them
+    alike. On its position-keeping checkpoint, power 4 raised precision@0.5 from 0.48 to 0.65
+    at the same recall (runs/demo-checkpoint/RESUME.md). Power 0, what SAM3 ships with, leaves
+    the scores as the model gave them."""
+    if power == 0:
+        return raw
+    return replace(raw, scores=(raw.scores * mask_confidence(raw.mask_logits) ** power).astype(np.float32))
+
+
+def mask_confidence(mask_logits: np.ndarray) -> np.ndarray:
+    """(..., h, w) mask logits -> (...) the mean probability over the pixels each mask keeps
+    at the default mask threshold (logit > 0); 0 for an empty mask."""
+    kept = mask_logits > 0
+    probability = 0.5 + 0.5 * np.tanh(0.5 * mask_logits.astype(np.float32))  # the sigmoid, without exp's overflow
+    return (probability * kept).sum((-2, -1)) / np.maximum(kept.sum((-2, -1)), 1)
 
 
 def one_per_object(masks: np.ndarray) -> np.ndarray:

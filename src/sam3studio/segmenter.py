@@ -262,7 +262,7 @@ class Segmenter:
         scores, boxes, masks = outputs
         height, width = picture.rgb.shape[:2]
         boxes = boxes * torch.tensor([width, height, width, height], dtype=boxes.dtype)
-        return RawPrediction(
+        raw = RawPrediction(
             image_size=(height, width),
             prompts=prompts,
             scores=scores.numpy(),
@@ -274,6 +274,7 @@ class Segmenter:
             fallback_fp32=fallback,
             timings_ms=timings,
         )
+        return postprocess.with_mask_confidence(raw, self.loaded.mask_confidence_power)
 
     def _forward_fp32(self, picture: HashedImage, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
         fp32 = PrecisionPlan(plan.requested, Precision.FP32, plan.device)

@@ -85,7 +85,7 @@ class RawPrediction:
 
     image_size: tuple[int, int]  # (height, width) of the original image
     prompts: list[Prompt]
-    scores: np.ndarray  # (P, Q) float32: sigmoid(query logit) * sigmoid(presence logit)
+    scores: np.ndarray  # (P, Q) float32: sigmoid(query logit) * sigmoid(presence logit), times the mask's confidence for some models
     boxes: np.ndarray  # (P, Q, 4) float32, xyxy in original-image pixels
     mask_logits: np.ndarray  # (P, Q, h, w) float32
     model: str

@@ -27,8 +27,9 @@ def test_export_installs_a_loadable_model_with_threshold_scores_and_card(tiny_ch
     assert {"config.json", "model.safetensors", SETTINGS_FILE, "eval.json", "README.md"} <= installed
     assert not installed & {"optimizer.safetensors", "trainer_state.json"}
     assert [r["precision"] for r in reports] == ["fp32", "bf16"]
-    threshold = json.loads((tmp_path / "demo" / SETTINGS_FILE).read_text())["score_threshold"]
-    assert load_model(tmp_path / "demo").score_threshold == threshold
+    settings = json.loads((tmp_path / "demo" / SETTINGS_FILE).read_text())
+    installed = load_model(tmp_path / "demo")
+    assert (installed.score_threshold, installed.mask_confidence_power) == (settings["score_threshold"], settings["mask_confidence_power"])
     card = (tmp_path / "demo" / "README.md").read_text()
     assert "| fp32 |" in card and "| bf16 |" in card and "- steps: 6" in card
     assert "| fp32, color + shape prompts |" in card and "| fp32, shape-only prompts |" in card
