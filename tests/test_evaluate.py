@@ -44,9 +44,14 @@ def test_scores_known_answers():
 def test_calibration_trades_recall_against_false_positives():
     # F1 = 2 TP / (predictions + objects). 0.15: 2 TP, 4 predictions (one on the negative): 4/6.
     # 0.3 and 0.5: 1 TP of 2 (plus the negative at 0.3): 2/5 and 2/4. 0.85: 1 TP of 1: 2/3.
-    assert calibrate_threshold([_case()], np.array([0.3, 0.5])) == 0.5
-    assert calibrate_threshold([_case()], np.array([0.3, 0.5, 0.85])) == 0.85
-    assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85])) == 0.15  # a tie goes lower
+    # The negative prompt answers at 0.15 and 0.3: only with the limit on absent prompts lifted
+    # may those win.
+    anything = {"max_negative_fp": 1.0}
+    assert calibrate_threshold([_case()], np.array([0.3, 0.5]), **anything) == 0.5
+    assert calibrate_threshold([_case()], np.array([0.3, 0.5, 0.85]), **anything) == 0.85
+    assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85]), **anything) == 0.15  # a tie goes lower
+    assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85])) == 0.85  # F1 2/3, and "b" returns nothing
+    assert calibrate_threshold([_case()], np.array([0.15, 0.3])) == 0.15, "no threshold keeps the limit: F1 decides alone"
 
 
 def test_scoring_calibration_takes_the_mask_confidence_when_it_ranks_better():

@@ -110,39 +110,51 @@ def score(cases: list[EvalCase], threshold: float, *, refine: int = 0, label: st
     )
 
 
-def calibrate_threshold(cases: list[EvalCase], candidates: np.ndarray | None = None) -> float:
+# Calibration keeps absent prompts quiet first: at most this share of them may return anything
+# (the demo model's target), and F1 decides among the thresholds that keep it.
+MAX_NEGATIVE_FP_RATE = 0.1
+
+
+def calibrate_threshold(cases: list[EvalCase], candidates: np.ndarray | None = None, *, max_negative_fp: float = MAX_NEGATIVE_FP_RATE) -> float:
     """The score threshold with the best F1 at IoU 0.5, counting anything found for a negative
-    prompt as a false positive. Ties go to the lower threshold."""
-    return _best_threshold(cases, candidates)[0]
+    prompt as a false positive, among those at which at most `max_negative_fp` of the negative
+    prompts return anything (among all, if none does). Ties go to the lower threshold."""
+    return _best_threshold(cases, candidates, max_negative_fp)[0]
 
 
 # Mask-confidence powers `calibrate_scoring` tries (postprocess.with_mask_confidence).
 MASK_CONFIDENCE_POWERS = (0.0, 1.0, 2.0, 4.0)
 
 
-def calibrate_scoring(cases: list[EvalCase]) -> tuple[float, float]:
-    """(mask-confidence power, score threshold) with the best F1 together, the cases collected
-    with the model's own scores (power 0). Ties go to the lower power. Only the KEPT_QUERIES
-    best-scoring queries per prompt are rescored: all of the demo model's 16."""
-    best = (0.0, 0.5, -1.0)
+def calibrate_scoring(cases: list[EvalCase], *, max_negative_fp: float = MAX_NEGATIVE_FP_RATE) -> tuple[float, float]:
+    """(mask-confidence power, score threshold) best together, as `calibrate_threshold` ranks
+    them; the cases collected with the model's own scores (power 0). Ties go to the lower power.
+    Only the KEPT_QUERIES best-scoring queries per prompt are rescored: all of the demo model's 16."""
+    best_power, best_threshold, best_rank = 0.0, 0.5, (False, -1.0)
     for power in MASK_CONFIDENCE_POWERS:
         rescored = [replace(c, raw=with_mask_confidence(c.raw, power)) for c in cases]
-        threshold, f1 = _best_threshold(rescored, None)
-        if f1 > best[2] + 1e-9:
-            best = (power, threshold, f1)
-    return best[0], best[1]
+        threshold, rank = _best_threshold(rescored, None, max_negative_fp)
+        if _ranks_higher(rank, best_rank):
+            best_power, best_threshold, best_rank = power, threshold, rank
+    return best_power, best_threshold
 
 
-def _best_threshold(cases: list[EvalCase], candidates: np.ndarray | None) -> tuple[float, float]:
-    best, best_f1 = 0.5, -1.0
+def _best_threshold(cases: list[EvalCase], candidates: np.ndarray | None, max_negative_fp: float) -> tuple[float, tuple[bool, float]]:
+    """The best threshold and its rank: (negative FP rate within the limit, F1)."""
+    best, best_rank = 0.5, (False, -1.0)
     for threshold in candidates if candidates is not None else np.round(np.arange(0.05, 0.951, 0.025), 3):
         report = score(cases, float(threshold))
         tp = report.recall_at_50 * report.instances
         predicted = (tp / report.precision_at_50 if report.precision_at_50 else 0.0) + report.negative_predictions
         f1 = 2 * tp / (predicted + report.instances) if predicted + report.instances else 0.0
-        if f1 > best_f1 + 1e-9:
-            best, best_f1 = float(threshold), f1
-    return best, best_f1
+        rank = (report.negative_fp_rate <= max_negative_fp, f1)
+        if _ranks_higher(rank, best_rank):
+            best, best_rank = float(threshold), rank
+    return best, best_rank
+
+
+def _ranks_higher(rank: tuple[bool, float], than: tuple[bool, float]) -> bool:
+    return rank[0] > than[0] or (rank[0] == than[0] and rank[1] > than[1] + 1e-9)
 
 
 def _iou_matrix(truth: np.ndarray, found: list[np.ndarray]) -> np.ndarray:
