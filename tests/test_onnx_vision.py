@@ -4,6 +4,7 @@ fp32 one, it is exported once per checkpoint, and it is refused where it does no
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from sam3studio import PrecisionError, load_segmenter
-from sam3studio.onnx_vision import GRAPH_FILE, VisionFeatures, cache_root, export_fp32_graph, graph_key
+from sam3studio.onnx_vision import GRAPH_FILE, VisionFeatures, cache_root, export_fp32_graph, graph_key, seven_bit_weights
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (part of the dev install) is missing")
 
@@ -38,6 +39,18 @@ def test_onnx_int8_encoding_is_as_near_fp32_as_torch_int8(onnx_segmenter, segmen
     torch_error = _largest_relative_difference(torch_int8.encode_image(IMAGE).fpn_hidden_states, reference.fpn_hidden_states)
     assert 0 < onnx_error < 0.05
     assert onnx_error < 2 * torch_error
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the choice is for x86 CPUs")
+def test_weights_are_seven_bit_without_vnni_and_the_cache_tells_them_apart(tiny_checkpoint, monkeypatch):
+    import sam3studio.precision as precision
+
+    keys = {}
+    for vnni in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_any", lambda flags, vnni=vnni: vnni)
+        assert seven_bit_weights() is not vnni
+        keys[vnni] = graph_key(tiny_checkpoint, (112, 112))
+    assert keys[True] != keys[False], "a graph quantized for one CPU is not reused on the other kind"
 
 
 def test_long_attention_is_exported_in_query_chunks_with_the_same_result(tiny_checkpoint, tmp_path):

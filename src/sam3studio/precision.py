@@ -82,6 +82,11 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(model, bf16_flags, bf16 >= fp32 / 3, bf16 >= 1.15 * fp32, fp32, bf16, "timed")
 
 
+def cpu_has_any(flags: tuple[str, ...]) -> bool:
+    """Whether this CPU reports any of `flags` (names as /proc/cpuinfo gives them)."""
+    return bool(set(flags) & _read_cpu_flags()[1])
+
+
 def _read_cpu_flags() -> tuple[str, set[str]]:
     model, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):

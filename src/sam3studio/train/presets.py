@@ -337,6 +337,8 @@ def cases_of_kind(cases: list, keep) -> list:
 
 
 def _model_card(config, threshold: float, power: float, notes: dict, reports: list[dict]) -> str:
+    from ..evaluate import MAX_NEGATIVE_FP_RATE
+
     test_count, test_seed = DEMO_DATA["test"]
     size = config.vision_config.backbone_config.image_size
     masks = config.vision_config.backbone_feature_sizes[0][0]
@@ -350,8 +352,9 @@ def _model_card(config, threshold: float, power: float, notes: dict, reports: li
         "Name the color: shape-only prompts (\"star\") are much weaker (see the test table). It knows",
         "nothing else.",
         "",
-        f"Default score threshold (calibrated for F1 on the validation split, fp32): {threshold}, on scores times the mask's "
-        f"confidence to the power {power} (`postprocess.with_mask_confidence`, calibrated with it)",
+        f"Default score threshold: {threshold}, on scores times the mask's confidence to the power {power} "
+        "(`postprocess.with_mask_confidence`). Both calibrated on the validation split, fp32, for F1 among the thresholds "
+        f"at which at most {MAX_NEGATIVE_FP_RATE:.0%} of absent prompts return anything.",
         "",
         f"## Test split ({test_count} scenes, seed {test_seed}, never seen in training), at that threshold",
         "",
