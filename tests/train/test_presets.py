@@ -4,13 +4,15 @@ And the sin/cos position table a fresh demo model can start from."""
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
 
 from sam3studio.loading import SETTINGS_FILE, load_model
 from sam3studio.train.loop import TrainConfig, load_for_training
-from sam3studio.train.presets import DEMO_IMAGE_SIZE, SINCOS_POSITION_NORM, build_demo_model, export_demo_model, sincos_position_embeddings
+from sam3studio.train.presets import (DEMO_IMAGE_SIZE, SINCOS_POSITION_NORM, build_demo_model, demo_training_stages, export_demo_model,
+                                      sincos_position_embeddings, training_notes)
 from sam3studio.train.resolution import with_input_size
 from sam3studio.train.shapes import SceneConfig, write_dataset
 
@@ -69,3 +71,13 @@ def test_a_fresh_run_starts_from_the_sincos_table_only_when_asked(tmp_path):
         model, _ = load_for_training(TrainConfig(data=str(tmp_path), out=str(tmp_path / str(asked)), sincos_positions=asked))
         table = model.vision_encoder.backbone.embeddings.position_embeddings.detach()
         assert torch.equal(table, waves) is asked
+
+
+def test_the_demo_recipe_keeps_positions_from_scratch_and_chains_its_stages(tmp_path):
+    encoder, detector = demo_training_stages(str(tmp_path), str(tmp_path / "data"))
+    assert encoder.model is None and encoder.sincos_positions and encoder.dense_only
+    assert detector.model == str(tmp_path / "encoder-position" / "checkpoint")
+    assert encoder.weights.position == detector.weights.position == 20.0
+    unstarted = [SimpleNamespace(config=stage, history=[], step=0) for stage in (encoder, detector)]  # what training_notes reads of a Trainer
+    recipe = training_notes(unstarted)["recipe"]
+    assert recipe.count("sin/cos") == 1 and "'position': 20.0" in recipe  # only the stage that starts the table names it

@@ -10,7 +10,7 @@ from pathlib import Path
 
 BPE_MERGES = Path(__file__).with_name("clip_bpe_8k.txt.gz")
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-DEMO_IMAGE_SIZE = 336  # the demo architecture's input size until its last stage (see demo_resolution_stage)
+DEMO_IMAGE_SIZE = 336  # the demo architecture's input size (a 420 px stage is being trained: demo_position_resolution_stage)
 
 
 def clip_tokenizer():
@@ -136,19 +136,20 @@ DEMO_DETECTOR_STEPS = 3000
 
 
 def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
-    """The one documented recipe that produces the shipped demo model, as four resumable runs:
-    the encoders alone (`demo_encoder_stage`, in `out`/encoder), then the whole model from them
-    (`demo_detector_stage`, in `out`/detector), then a second cycle of the same at a lower rate
-    (`demo_polish_stage`, in `out`/polish), then the same at a larger input size
-    (`demo_resolution_stage`, in `out`/resolution). `steps` overrides the second run's length.
+    """The one documented recipe that produces the shipped demo model, as resumable runs: the
+    encoders alone with the pixel positions kept (`demo_position_encoder_stage`, in
+    `out`/encoder-position), then the whole model from them (`demo_position_detector_stage`, in
+    `out`/detector-position). `steps` overrides the second run's length.
 
-    Why the encoders first: trained end to end from scratch (the recipe before this one, test
-    mIoU 0.44), the vision encoder learned colors but not shapes. Its object pixels got the
-    right color 99% of the time and the right shape 35%, so a prompt such as "star" found no
-    good mask in any query. After the encoder stage they get the right shape 77% of the time
-    (runs/demo-checkpoint/RESUME.md has the measurements)."""
-    return [demo_encoder_stage(out, data), demo_detector_stage(out, data, steps or DEMO_DETECTOR_STEPS), demo_polish_stage(out, data),
-            demo_resolution_stage(out, data)]
+    Why the encoders first: trained end to end from scratch (test mIoU 0.44), the vision encoder
+    learned colors but not shapes: its object pixels got the right shape 35% of the time, 77%
+    after an encoder stage. Why the positions: without them every query of a prompt with two or
+    three objects drew one mask over all of them (oracle mIoU 0.32-0.48, 0.60-0.69 with them).
+    The recipe before this one (`demo_encoder_stage` .. `demo_resolution_stage`, 8,800 steps)
+    scored test mIoU 0.5636. runs/demo-checkpoint/RESUME.md has the measurements; a second,
+    lower cycle and a 420 px stage (`demo_position_polish_stage`,
+    `demo_position_resolution_stage`) are being trained to extend this recipe."""
+    return [demo_position_encoder_stage(out, data), demo_position_detector_stage(out, data, steps or DEMO_DETECTOR_STEPS)]
 
 
 def _end_of(stage) -> str:
@@ -230,8 +231,8 @@ def demo_separation_stage(out: str, data: str, steps: int = 500):
 def demo_position_encoder_stage(out: str, data: str, steps: int = 4000):
     """`demo_encoder_stage` (in `out`/encoder-position) with two things that keep where each pixel
     is in the features: the ViT position table starts as `sincos_position_embeddings`, and
-    `criterion.position_loss` (weight 20) asks the finest vision features for it. The candidate
-    first stage of a recipe that separates several objects of one prompt; not yet the recipe.
+    `criterion.position_loss` (weight 20) asks the finest vision features for it. The recipe's
+    first stage (`demo_training_stages`).
 
     After its 4,000 steps a linear read-out of x and y from the finest features has R^2 0.88 /
     0.75 (~0 in the shipped `demo_encoder_stage` run), and the categories are learned as well
@@ -349,8 +350,8 @@ def _model_card(config, threshold: float, power: float, notes: dict, reports: li
         f"{size} px input, {masks}x{masks} masks) trained from scratch by `sam3studio train --preset demo` on",
         "synthetic scenes of colored shapes (`sam3studio.train.shapes`). It finds red, orange, yellow,",
         "green, blue and purple circles, squares, triangles and stars: prompts such as \"blue star\".",
-        "Name the color: shape-only prompts (\"star\") are much weaker (see the test table). It knows",
-        "nothing else.",
+        "Shape-only prompts (\"star\") are weaker than those naming the color too (see the test table).",
+        "It knows nothing else.",
         "",
         f"Default score threshold: {threshold}, on scores times the mask's confidence to the power {power} "
         "(`postprocess.with_mask_confidence`). Both calibrated on the validation split, fp32, for F1 among the thresholds "
@@ -373,6 +374,8 @@ def _model_card(config, threshold: float, power: float, notes: dict, reports: li
 
 def _stage_summary(number: int, config) -> str:
     start = "from scratch" if number == 1 else "from the previous stage's weights"
+    if config.sincos_positions:
+        start += " (ViT position table starting as sin/cos waves)"
     if config.dense_only:
         what = f"{config.images_per_step} images, vision and text encoders only, on the per-pixel category losses"
     else:
