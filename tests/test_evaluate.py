@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from sam3studio.evaluate import EvalCase, best_queries, calibrate_scoring, calibrate_threshold, collect, score
+from sam3studio.postprocess import select
 from sam3studio.types import Prompt, RawPrediction
 
 
@@ -39,6 +40,19 @@ def test_scores_known_answers():
     assert report.negative_fp_rate == 0.0  # "b" scored 0.4 < 0.5
     low = score([_case()], threshold=0.15)
     assert low.miou == pytest.approx(0.85) and low.recall_at_50 == 1.0 and low.negative_fp_rate == 1.0
+
+
+def test_every_threshold_counts_what_select_returns_at_it():
+    # Absent prompt "b": a mask at 0.6, a copy of it at 0.5 (the same object: select keeps the
+    # better one), a distinct mask at 0.3 and an empty one at 0.35. Scored once for all thresholds.
+    first, copy, other = _logits((2, 2, 12, 12)), _logits((2, 2, 12, 11)), _logits((14, 14, 19, 19))
+    empty = np.full((20, 20), -10.0, np.float32)
+    raw = RawPrediction((20, 20), [Prompt("b")], np.array([[0.5, 0.3, 0.6, 0.35]], np.float32), np.zeros((1, 4, 4), np.float32),
+                        np.stack([[copy, other, first, empty]]), "t", "fp32", "fp32")
+    case = EvalCase(raw, {}, ["b"])
+    for threshold in (0.2, 0.32, 0.4, 0.55, 0.7):
+        assert score([case], threshold).negative_predictions == len(select(raw, threshold=threshold).instances) == (
+            2 if threshold < 0.3 else 1 if threshold <= 0.6 else 0)
 
 
 def test_calibration_trades_recall_against_false_positives():

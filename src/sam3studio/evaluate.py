@@ -75,28 +75,69 @@ def best_queries(raw: RawPrediction, keep: int) -> RawPrediction:
 
 
 def score(cases: list[EvalCase], threshold: float, *, refine: int = 0, label: str = "") -> EvalReport:
+    """The report of `cases` at one score threshold: what `postprocess.select` would return."""
+    return score_answers(answers(cases, refine=refine), threshold, label=label or (cases[0].raw.precision_used if cases else ""))
+
+
+@dataclass
+class PromptAnswers:
+    """What one prompt of one image returns at any threshold, measured once: the scores of the
+    masks `postprocess.select` can keep (one per object, best first, none empty) and their IoU
+    with each ground-truth mask. A threshold keeps a prefix of them. Why: calibration scores
+    ~150 thresholds and powers, and redoing `select`'s full-resolution masks for each made it
+    take ~11 minutes of the demo model's export on a Zen 1 (~2.5 now, beside a training run)."""
+
+    scores: np.ndarray  # (K,)
+    ious: np.ndarray | None  # (objects, K); None for an absent prompt
+    own_threshold: float | None = None  # the prompt's own threshold, which overrides any given
+
+    def kept(self, threshold: float) -> int:
+        cut = threshold if self.own_threshold is None else self.own_threshold
+        return int(np.count_nonzero(self.scores >= cut))
+
+
+def answers(cases: list[EvalCase], *, refine: int = 0) -> list[dict[str, PromptAnswers]]:
+    """Per case, each prompt's `PromptAnswers` (keyed by prompt label)."""
+    return [_case_answers(case, refine) for case in cases]
+
+
+def _case_answers(case: EvalCase, refine: int) -> dict[str, PromptAnswers]:
+    raw = case.raw
+    everything = select(raw, threshold=0.0, refine=refine)  # what any threshold keeps is a prefix of this, prompt by prompt
+    found: dict[int, list] = {}
+    for inst in everything.instances:
+        found.setdefault(inst.prompt_index, []).append(inst)
+    table = {}
+    for index, prompt in enumerate(raw.prompts):
+        kept = found.get(index, [])
+        truth = case.truth.get(prompt.label)
+        if truth is None and prompt.label not in case.negatives:
+            continue
+        ious = None if truth is None else _iou_matrix(truth, [i.mask for i in kept])
+        table[prompt.label] = PromptAnswers(np.array([i.score for i in kept], np.float32), ious, prompt.threshold)
+    return table
+
+
+def score_answers(cases: list[dict[str, PromptAnswers]], threshold: float, *, label: str = "") -> EvalReport:
+    """`score` from answers measured once (see `answers`)."""
     ious: list[float] = []
     predicted = true_positive = duplicates = 0
     negatives = negative_hits = negative_predictions = 0
     for case in cases:
-        result = select(case.raw, threshold=threshold, refine=refine)
-        by_prompt: dict[str, list[np.ndarray]] = {}
-        for inst in result.instances:
-            by_prompt.setdefault(inst.label, []).append(inst.mask)
-        for name, truth in case.truth.items():
-            found = by_prompt.get(name, [])
-            matched = _match(truth, found)
-            ious += matched
-            predicted += len(found)
-            hits = sum(iou >= 0.5 for iou in matched)
-            true_positive += hits
-            duplicates += _duplicates(truth, found)
-        for name in case.negatives:
-            negatives += 1
-            negative_hits += bool(by_prompt.get(name))
-            negative_predictions += len(by_prompt.get(name, []))
+        for prompt in case.values():
+            count = prompt.kept(threshold)
+            if prompt.ious is not None:
+                matched, extra = _match(prompt.ious[:, :count])
+                ious += matched
+                predicted += count
+                true_positive += sum(iou >= 0.5 for iou in matched)
+                duplicates += extra
+            else:
+                negatives += 1
+                negative_hits += count > 0
+                negative_predictions += count
     return EvalReport(
-        precision=label or (cases[0].raw.precision_used if cases else ""),
+        precision=label,
         threshold=threshold,
         miou=float(np.mean(ious)) if ious else 0.0,
         precision_at_50=true_positive / predicted if predicted else 0.0,
@@ -119,7 +160,7 @@ def calibrate_threshold(cases: list[EvalCase], candidates: np.ndarray | None = N
     """The score threshold with the best F1 at IoU 0.5, counting anything found for a negative
     prompt as a false positive, among those at which at most `max_negative_fp` of the negative
     prompts return anything (among all, if none does). Ties go to the lower threshold."""
-    return _best_threshold(cases, candidates, max_negative_fp)[0]
+    return _best_threshold(answers(cases), candidates, max_negative_fp)[0]
 
 
 # Mask-confidence powers `calibrate_scoring` tries (postprocess.with_mask_confidence).
@@ -133,17 +174,17 @@ def calibrate_scoring(cases: list[EvalCase], *, max_negative_fp: float = MAX_NEG
     best_power, best_threshold, best_rank = 0.0, 0.5, (False, -1.0)
     for power in MASK_CONFIDENCE_POWERS:
         rescored = [replace(c, raw=with_mask_confidence(c.raw, power)) for c in cases]
-        threshold, rank = _best_threshold(rescored, None, max_negative_fp)
+        threshold, rank = _best_threshold(answers(rescored), None, max_negative_fp)
         if _ranks_higher(rank, best_rank):
             best_power, best_threshold, best_rank = power, threshold, rank
     return best_power, best_threshold
 
 
-def _best_threshold(cases: list[EvalCase], candidates: np.ndarray | None, max_negative_fp: float) -> tuple[float, tuple[bool, float]]:
+def _best_threshold(cases: list[dict[str, PromptAnswers]], candidates: np.ndarray | None, max_negative_fp: float) -> tuple[float, tuple[bool, float]]:
     """The best threshold and its rank: (negative FP rate within the limit, F1)."""
     best, best_rank = 0.5, (False, -1.0)
     for threshold in candidates if candidates is not None else np.round(np.arange(0.05, 0.951, 0.025), 3):
-        report = score(cases, float(threshold))
+        report = score_answers(cases, float(threshold))
         tp = report.recall_at_50 * report.instances
         predicted = (tp / report.precision_at_50 if report.precision_at_50 else 0.0) + report.negative_predictions
         f1 = 2 * tp / (predicted + report.instances) if predicted + report.instances else 0.0
@@ -158,6 +199,8 @@ def _ranks_higher(rank: tuple[bool, float], than: tuple[bool, float]) -> bool:
 
 
 def _iou_matrix(truth: np.ndarray, found: list[np.ndarray]) -> np.ndarray:
+    if not found:
+        return np.zeros((len(truth), 0))
     t = truth.reshape(len(truth), -1).astype(np.float32)
     f = np.stack(found).reshape(len(found), -1).astype(np.float32)
     inter = t @ f.T
@@ -165,24 +208,15 @@ def _iou_matrix(truth: np.ndarray, found: list[np.ndarray]) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def _match(truth: np.ndarray, found: list[np.ndarray]) -> list[float]:
-    """IoU of each ground-truth mask with its Hungarian-matched prediction (0 when unmatched)."""
-    if not found:
-        return [0.0] * len(truth)
-    ious = _iou_matrix(truth, found)
+def _match(ious: np.ndarray) -> tuple[list[float], int]:
+    """(objects, found) IoUs -> the IoU of each object with its Hungarian-matched mask (0 when
+    unmatched), and the duplicates: masks that are no object's match at IoU >= 0.5 yet cover an
+    object by IoU >= 0.5, a second mask for something already found."""
+    matched = [0.0] * len(ious)
+    if not ious.shape[1]:
+        return matched, 0
     rows, cols = linear_sum_assignment(-ious)
-    matched = [0.0] * len(truth)
     for r, c in zip(rows, cols):
         matched[r] = float(ious[r, c])
-    return matched
-
-
-def _duplicates(truth: np.ndarray, found: list[np.ndarray]) -> int:
-    """Predictions that are not an object's match at IoU >= 0.5 yet cover an object by IoU >= 0.5:
-    a second mask for something already found."""
-    if not found:
-        return 0
-    ious = _iou_matrix(truth, found)
-    rows, cols = linear_sum_assignment(-ious)
     true_matches = {c for r, c in zip(rows, cols) if ious[r, c] >= 0.5}
-    return sum(1 for c in range(len(found)) if c not in true_matches and ious[:, c].max() >= 0.5)
+    return matched, sum(1 for c in range(ious.shape[1]) if c not in true_matches and ious[:, c].max() >= 0.5)
