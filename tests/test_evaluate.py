@@ -70,12 +70,12 @@ def test_calibration_trades_recall_against_false_positives():
 
 def test_scoring_calibration_takes_the_mask_confidence_when_it_ranks_better():
     # Prompt "a": its object found by a sure mask at 0.6 and, scoring higher, a hesitant mask
-    # (probability 0.55 inside) over 40% of it, too little to count as the object or to be
-    # dropped as its copy. By score alone no threshold keeps the object without the fragment
-    # (best F1 2/3); times the confidence the fragment falls to 0.495 (0.27 squared) and a
+    # (probability 0.55 inside) over 40% of it and 60% beside it, too little to count as the
+    # object or to be dropped as its copy. By score alone no threshold keeps the object without
+    # the wrong mask (best F1 2/3); times the confidence it falls to 0.495 (0.27 squared) and a
     # threshold between it and 0.6 keeps the object alone (F1 1).
     sure = _logits((0, 0, 10, 10))
-    hesitant = np.where(_logits((0, 0, 10, 4)) > 0, np.log(0.55 / 0.45), -10.0).astype(np.float32)
+    hesitant = np.where(_logits((0, 6, 10, 16)) > 0, np.log(0.55 / 0.45), -10.0).astype(np.float32)
     raw = RawPrediction((20, 20), [Prompt("a")], np.array([[0.9, 0.6]], np.float32), np.zeros((1, 2, 4), np.float32),
                         np.stack([[hesitant, sure]]), "t", "fp32", "fp32")
     case = EvalCase(raw, {"a": _mask((0, 0, 10, 10))[None]}, [])

@@ -112,6 +112,16 @@ def test_one_prompt_gives_one_mask_per_object():
     assert kept == [("a", 0.8), ("a", 0.7), ("b", 0.9)]
 
 
+def test_a_fragment_or_a_mask_over_two_objects_is_not_a_second_object():
+    """A mask lying mostly inside a better one (a fragment of it, IoU 0.2), or one spread over
+    it and a neighbour, describes an object already found; a mask that only touches it does not."""
+    fragment = _square(box=(10, 5, 20, 13))  # 80 px, all inside the 400 px square
+    spread = _square(box=(10, 5, 52, 25))  # the square and the space beside it: IoU 0.48
+    touching = _square(box=(28, 5, 48, 25))  # 40 of its 400 px inside the square
+    raw = _raw([[0.9, 0.8, 0.7, 0.6]], [[_square(), fragment, spread, touching]])
+    assert [round(i.score, 2) for i in select(raw, threshold=0.5).instances] == [0.9, 0.6]
+
+
 def test_suppress_duplicates_keeps_distinct_objects():
     a, b = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
     a[:5], b[5:] = True, True

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from backbone_proxy import right_shape_and_color  # the sibling script
-from sam3studio.evaluate import collect, score
+from sam3studio.evaluate import answers, collect, score_answers
 from sam3studio.postprocess import mask_box, select
 from sam3studio.segmenter import load_segmenter
 from sam3studio.train.data import CocoSegmentationData, TrainingSample
 from sam3studio.train.presets import PROMPT_KINDS as KINDS
-from sam3studio.train.presets import cases_of_kind
+from sam3studio.train.presets import answers_of_kind
 from sam3studio.train.shapes import COLORS, write_dataset
 
 
@@ -231,12 +231,14 @@ def queries(args, data: CocoSegmentationData) -> None:
                 print(f"  objects whose prompt has {count}{'+' if count == 3 else ''}: {within.sum()}, oracle mIoU {best[within].mean():.3f}")
         best_box, top_box = boxes[kind]
         print(f"  query boxes: best box IoU {best_box.mean():.3f} (>= 0.5: {(best_box >= 0.5).mean():.3f}), top-scoring query's {top_box.mean():.3f}")
+    measured = answers(cases)
     for threshold in (float(t) for t in args.thresholds.split(",")):
         for kind, keep in {"all": lambda name: True, **KINDS}.items():
-            subset = cases_of_kind(cases, keep)
-            r = score(subset, threshold)
+            subset = answers_of_kind(measured, keep)
+            r = score_answers(subset, threshold)
+            absent = sum(a.ious is None for case in subset for a in case.values())
             print(f"threshold {threshold:g} {kind:>27}: mIoU {r.miou:.3f}, precision@0.5 {r.precision_at_50:.3f}, "
-                  f"recall@0.5 {r.recall_at_50:.3f}, FP absent {r.negative_fp_rate:.3f} of {sum(len(c.negatives) for c in subset)}")
+                  f"recall@0.5 {r.recall_at_50:.3f}, FP absent {r.negative_fp_rate:.3f} of {absent}")
         for what, count in wrong_answers(cases, threshold).items():
             print(f"  wrong answers at {threshold:g}, {what}: {count}")
 

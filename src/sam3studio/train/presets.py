@@ -291,7 +291,7 @@ def export_demo_model(checkpoint: str | Path, splits: dict[str, Path], destinati
     import json
     import shutil
 
-    from ..evaluate import calibrate_scoring, collect, score
+    from ..evaluate import answers, calibrate_scoring, collect, score_answers
     from ..loading import SETTINGS_FILE
     from ..segmenter import load_segmenter
     from .data import CocoSegmentationData
@@ -311,11 +311,12 @@ def export_demo_model(checkpoint: str | Path, splits: dict[str, Path], destinati
     reports, kinds = [], []
     for mode in ("fp32", "bf16"):  # bf16 as asked, even where this CPU would run fp32 for speed
         cases, seconds = collect(installed, test, precision=mode)
-        report = score(cases, threshold, label=mode)
+        measured = answers(cases)
+        report = score_answers(measured, threshold, label=mode)
         report.seconds = seconds
         reports.append(report.as_dict())
         if mode == "fp32":
-            kinds = _by_prompt_kind(cases, threshold)
+            kinds = _by_prompt_kind(measured, threshold)
     (destination / "eval.json").write_text(json.dumps(reports, indent=1))
     (destination / "README.md").write_text(_model_card(seg.model.config, threshold, power, notes, reports + kinds), encoding="utf-8")
     return reports
@@ -325,16 +326,17 @@ def export_demo_model(checkpoint: str | Path, splits: dict[str, Path], destinati
 PROMPT_KINDS = {"fp32, color + shape prompts": lambda name: " " in name, "fp32, shape-only prompts": lambda name: " " not in name}
 
 
-def _by_prompt_kind(cases: list, threshold: float) -> list[dict]:
+def _by_prompt_kind(measured: list[dict], threshold: float) -> list[dict]:
     """The test scores of each kind of prompt on its own: a model can know colors before shapes."""
-    from ..evaluate import score
+    from ..evaluate import score_answers
 
-    return [score(cases_of_kind(cases, keep), threshold, label=label).as_dict() for label, keep in PROMPT_KINDS.items()]
+    return [score_answers(answers_of_kind(measured, keep), threshold, label=label).as_dict() for label, keep in PROMPT_KINDS.items()]
 
 
-def cases_of_kind(cases: list, keep) -> list:
-    """The evaluation cases with only the prompts (present and absent) whose names `keep` accepts."""
-    return [replace(c, truth={n: m for n, m in c.truth.items() if keep(n)}, negatives=[n for n in c.negatives if keep(n)]) for c in cases]
+def answers_of_kind(measured: list[dict], keep) -> list[dict]:
+    """`evaluate.answers` of each case with only the prompts (present and absent) whose names
+    `keep` accepts: the answers are measured once, whichever kinds are scored."""
+    return [{name: answer for name, answer in case.items() if keep(name)} for case in measured]
 
 
 def _model_card(config, threshold: float, power: float, notes: dict, reports: list[dict]) -> str:
