@@ -221,7 +221,7 @@ def position_loss(mask_features: torch.Tensor) -> torch.Tensor:
     unseen images), and a prompt with several objects got one mask over all of them from every
     query. Fixed channels need no extra head, and the mask embedder can weigh them directly.
     It needs the position in the ViT to begin with. Turned on in the trained model's last stage,
-    it emptied the channels rather than filled them (`presets.demo_separation_stage`): that
+    it emptied the channels rather than filled them (a separation stage, since dropped): that
     ViT had lost the position in its first layer. From scratch with transformers' position
     table (std 0.02), it barely moved in 600 encoder steps. From `presets.sincos_position_embeddings`
     it fell from the all-zero level (0.031) to 0.0135 in 400 steps. The features are compared at

@@ -145,9 +145,9 @@ def demo_training_stages(out: str, data: str, steps: int | None = None) -> list:
     learned colors but not shapes: its object pixels got the right shape 35% of the time, 77%
     after an encoder stage. Why the positions: without them every query of a prompt with two or
     three objects drew one mask over all of them (oracle mIoU 0.32-0.48, 0.60-0.69 with them).
-    The recipe before this one (`demo_encoder_stage` .. `demo_resolution_stage`, 8,800 steps)
-    scored test mIoU 0.5636. runs/demo-checkpoint/RESUME.md has the measurements; a second,
-    lower cycle and a 420 px stage (`demo_position_polish_stage`,
+    The recipe before this one (the same stages without positions, plus a polish and a 420 px
+    stage; 8,800 steps) scored test mIoU 0.5636. runs/demo-checkpoint/RESUME.md has the
+    measurements; a second, lower cycle and a 420 px stage (`demo_position_polish_stage`,
     `demo_position_resolution_stage`) are being trained to extend this recipe."""
     return [demo_position_encoder_stage(out, data), demo_position_detector_stage(out, data, steps or DEMO_DETECTOR_STEPS)]
 
@@ -159,116 +159,71 @@ def _end_of(stage) -> str:
     return str(Path(stage.out) / CHECKPOINT_DIR)
 
 
-def demo_encoder_stage(out: str, data: str, steps: int = 4000, lr: float = 3e-3):
-    """The vision and text encoders alone (in `out`/encoder, from scratch), on the per-pixel
-    losses against category and shape names, 8 images a step at a high rate, so that the
-    features know shapes before any decoder trains on them (see `Trainer.dense_losses`).
-    Background pixels weigh 0.1, or they are most of what is learned."""
+# Every stage asks the finest vision features where each pixel is (`criterion.position_loss`).
+DEMO_POSITION_WEIGHT = 20.0
+
+
+def demo_position_encoder_stage(out: str, data: str, steps: int = 4000, lr: float = 3e-3):
+    """The vision and text encoders alone (in `out`/encoder-position, from scratch), on the
+    per-pixel losses against category and shape names, 8 images a step at a high rate, so that
+    the features know shapes before any decoder trains on them (see `Trainer.dense_losses`).
+    Background pixels weigh 0.1, or they are most of what is learned.
+
+    The ViT position table starts as `sincos_position_embeddings` and the position loss is on:
+    after the 4,000 steps a linear read-out of x and y from the finest features has R^2 0.88 /
+    0.75 (~0 without them), and the categories are learned as well (per-pixel category loss
+    0.384, against 0.371)."""
     from .criterion import LossWeights
     from .loop import TrainConfig
 
-    weights = LossWeights(category=1.0, supercategory=1.0, category_background=0.1)
+    weights = LossWeights(category=1.0, supercategory=1.0, category_background=0.1, position=DEMO_POSITION_WEIGHT)
     common = _DEMO_COMMON | dict(images_per_step=8, checkpoint_every=250, log_every=50)  # steps are 4x cheaper: save and log less often
-    return TrainConfig(out=str(Path(out) / "encoder"), data=data, steps=steps, dense_only=True, lr=lr, warmup_steps=100, weights=weights, **common)
-
-
-def demo_detector_stage(out: str, data: str, steps: int = DEMO_DETECTOR_STEPS):
-    """The whole model (in `out`/detector), from `demo_encoder_stage`'s encoders, with the
-    category losses kept on. Two choices against the failures of end-to-end training: scores
-    are trained toward each query's mask IoU (`set_criterion`'s quality_targets), since with
-    plain targets every query scored ~0.2, matched or not; and one of each image's 3 absent
-    prompts is a shape missing from it, since absent shape-only prompts were rarely drawn and
-    nearly all of them found something. The mask focal loss weighs 20, as in MaskFormer (at 5
-    it was under 1% of the total)."""
-    from .criterion import LossWeights
-    from .loop import TrainConfig
-
-    weights = LossWeights(category=2.0, supercategory=2.0, category_background=0.1, presence=3.0, mask_focal=20.0)
-    return TrainConfig(out=str(Path(out) / "detector"), model=_end_of(demo_encoder_stage(out, data)), steps=steps, negatives_per_image=3,
-                       coarse_negatives=1, quality_targets=True, lr=3e-4, warmup_steps=100, weights=weights, **_DEMO_COMMON, data=data)
-
-
-def demo_polish_stage(out: str, data: str, steps: int = 1000):
-    """The whole model again (in `out`/polish), from `demo_detector_stage`'s end, with the same
-    losses and a second, lower cosine cycle (lr 1e-4). The detector stage was still improving
-    when its schedule ran out (validation oracle mIoU 0.705 -> 0.725 over its second half). It
-    gained test mIoU 0.5436 -> 0.5537 (runs/demo-checkpoint/RESUME.md): more of the same is
-    nearly spent."""
-    detector = demo_detector_stage(out, data)
-    return replace(detector, out=str(Path(out) / "polish"), model=_end_of(detector), steps=steps, lr=1e-4, warmup_steps=50)
-
-
-def demo_resolution_stage(out: str, data: str, steps: int = 800, image_size: int = 420):
-    """The whole model once more (in `out`/resolution), from `demo_polish_stage`'s end, at a
-    420 px input (30x30 patches, 120x120 masks) instead of 336: the same losses and rate as the
-    polish stage. Small objects were the weakest (oracle mIoU 0.54 below a tenth of the image
-    side, 0.86 at a fifth to three tenths), and they span one or two 14-pixel patches at 336 px.
-    The polish stage's model read at 420 px without any training already gained validation mIoU
-    0.514 -> 0.546 (60 scenes); 504 px gained less (0.524) and steps 3x slower, 420 px 1.5x."""
-    polish = demo_polish_stage(out, data)
-    return replace(polish, out=str(Path(out) / "resolution"), model=_end_of(polish), steps=steps, image_size=image_size)
-
-
-def demo_separation_stage(out: str, data: str, steps: int = 500):
-    """The whole model once more (in `out`/separation), from `demo_resolution_stage`'s end, with
-    two things that teach it to tell apart several objects of one prompt: position channels in
-    the mask features (`criterion.position_loss`, weight 20) and two groups of denoising
-    queries per object (`train.denoising`); the resolution stage's settings otherwise.
-
-    Why: a prompt with two or three objects got one mask over all of them from every query
-    (oracle mIoU 0.47 and 0.32, against 0.84 for an object alone). The decoder never learned to
-    place its queries, and the mask features hardly say where a pixel is. Denoising queries
-    alone (341 steps) taught the decoder to refine a given box but changed no mask: the masks
-    need the position in the features. Not part of the recipe: in 176 steps this stage only
-    emptied the position channels (the features had lost the position in the ViT's first
-    layer, and did not regain it). runs/demo-checkpoint/RESUME.md has the figures."""
-    resolution = demo_resolution_stage(out, data)
-    weights = replace(resolution.weights, position=20.0)
-    return replace(resolution, out=str(Path(out) / "separation"), model=_end_of(resolution), steps=steps,
-                   denoising_groups=2, weights=weights)
-
-
-def demo_position_encoder_stage(out: str, data: str, steps: int = 4000):
-    """`demo_encoder_stage` (in `out`/encoder-position) with two things that keep where each pixel
-    is in the features: the ViT position table starts as `sincos_position_embeddings`, and
-    `criterion.position_loss` (weight 20) asks the finest vision features for it. The recipe's
-    first stage (`demo_training_stages`).
-
-    After its 4,000 steps a linear read-out of x and y from the finest features has R^2 0.88 /
-    0.75 (~0 in the shipped `demo_encoder_stage` run), and the categories are learned as well
-    (per-pixel category loss 0.384, against 0.371)."""
-    encoder = demo_encoder_stage(out, data, steps)
-    return replace(encoder, out=str(Path(out) / "encoder-position"), sincos_positions=True, weights=replace(encoder.weights, position=20.0))
+    return TrainConfig(out=str(Path(out) / "encoder-position"), data=data, steps=steps, dense_only=True, lr=lr, warmup_steps=100,
+                       weights=weights, sincos_positions=True, **common)
 
 
 def demo_position_detector_stage(out: str, data: str, steps: int = DEMO_DETECTOR_STEPS):
-    """`demo_detector_stage` (in `out`/detector-position) from `demo_position_encoder_stage`, with
-    `criterion.position_loss` (weight 20) kept on the mask features. By step 503 of 3,000 each of
-    a prompt's two or three objects had a mask of its own (validation oracle mIoU 0.60-0.69,
-    against 0.32-0.48 for the shipped model). By step 2,457 the validation mIoU at threshold
-    0.425 was 0.693 (shipped model 0.562), held back by its scores rather than its masks
-    (oracle mIoU 0.85 / 0.80 for color + shape / shape-only prompts)."""
-    detector = demo_detector_stage(out, data, steps)
-    return replace(detector, out=str(Path(out) / "detector-position"), model=_end_of(demo_position_encoder_stage(out, data)),
-                   weights=replace(detector.weights, position=20.0))
+    """The whole model (in `out`/detector-position), from `demo_position_encoder_stage`'s
+    encoders, with the category and position losses kept on. Two choices against the failures
+    of end-to-end training: scores are trained toward each query's mask IoU (`set_criterion`'s
+    quality_targets), since with plain targets every query scored ~0.2, matched or not; and one
+    of each image's 3 absent prompts is a shape missing from it, since absent shape-only prompts
+    were rarely drawn and nearly all of them found something. The mask focal loss weighs 20, as
+    in MaskFormer (at 5 it was under 1% of the total).
+
+    By step 503 of 3,000 each of a prompt's two or three objects had a mask of its own
+    (validation oracle mIoU 0.60-0.69, against 0.32-0.48 without the positions)."""
+    from .criterion import LossWeights
+    from .loop import TrainConfig
+
+    weights = LossWeights(category=2.0, supercategory=2.0, category_background=0.1, presence=3.0, mask_focal=20.0, position=DEMO_POSITION_WEIGHT)
+    return TrainConfig(out=str(Path(out) / "detector-position"), model=_end_of(demo_position_encoder_stage(out, data)), steps=steps,
+                       negatives_per_image=3, coarse_negatives=1, quality_targets=True, lr=3e-4, warmup_steps=100, weights=weights,
+                       **_DEMO_COMMON, data=data)
 
 
 def demo_position_polish_stage(out: str, data: str, steps: int = 1000):
-    """`demo_polish_stage` (in `out`/polish-position) from `demo_position_detector_stage`'s end,
-    the position loss kept on: a second, lower cosine cycle, as the shipped recipe has."""
+    """The whole model again (in `out`/polish-position), from `demo_position_detector_stage`'s
+    end, with the same losses and a second, lower cosine cycle (lr 1e-4). In the recipe before
+    this one the detector stage was still improving when its schedule ran out (validation oracle
+    mIoU 0.705 -> 0.725 over its second half), and the same polish gained test mIoU 0.5436 ->
+    0.5537."""
     detector = demo_position_detector_stage(out, data)
-    return replace(detector, out=str(Path(out) / "polish-position"), model=_end_of(detector), steps=steps,
-                   lr=1e-4, warmup_steps=50)
+    return replace(detector, out=str(Path(out) / "polish-position"), model=_end_of(detector), steps=steps, lr=1e-4, warmup_steps=50)
 
 
 def demo_position_resolution_stage(out: str, data: str, steps: int = 800, image_size: int = 420):
-    """`demo_resolution_stage` (in `out`/resolution-position) from `demo_position_polish_stage`'s
-    end, the position loss kept on. The ViT position table is stretched to the larger grid
-    (`resolution.with_input_size`), which keeps a sin/cos table's waves at the same places in
-    the image, and the loss's targets are in image coordinates, so neither needs relearning."""
+    """The whole model once more (in `out`/resolution-position), from `demo_position_polish_stage`'s
+    end, at a 420 px input (30x30 patches, 120x120 masks) instead of 336, the polish stage's
+    losses and rate otherwise. Small objects were the weakest (oracle mIoU 0.54 below a tenth of
+    the image side, 0.86 at a fifth to three tenths in the recipe before this one), and they span
+    one or two 14-pixel patches at 336 px; 504 px gained less than 420 and steps 3x slower.
+
+    The ViT position table is stretched to the larger grid (`resolution.with_input_size`), which
+    keeps a sin/cos table's waves at the same places in the image, and the position loss's
+    targets are in image coordinates, so neither needs relearning."""
     polish = demo_position_polish_stage(out, data)
-    return replace(polish, out=str(Path(out) / "resolution-position"), model=_end_of(polish), steps=steps,
-                   image_size=image_size)
+    return replace(polish, out=str(Path(out) / "resolution-position"), model=_end_of(polish), steps=steps, image_size=image_size)
 
 
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
