@@ -8,9 +8,10 @@ SAME_OBJECT_IOU or when one lies mostly (SAME_OBJECT_COVER of its area) inside t
 only the better-scoring one is kept. A fully trained SAM3 rarely produces such pairs (its
 training matches each object to one query); a less trained model, such as the small demo model,
 gives near-copies of its best mask, fragments of it, or one mask over two objects, at scores
-just below it. On the demo model's test split, IoU alone left 2-8 duplicates (thresholds
-0.2-0.475); with the cover rule there were none, and precision@0.5 rose from 0.64 to 0.72 at
-0.2 for 0.003-0.007 of mIoU (runs/demo-checkpoint/RESUME.md).
+just below it. On the test split of the demo model shipped before the cover rule, IoU alone
+left 2-8 duplicates (thresholds 0.2-0.475); with the cover rule there were none, and
+precision@0.5 rose from 0.64 to 0.72 at 0.2 for 0.003-0.007 of mIoU
+(runs/demo-checkpoint/RESUME.md).
 
 Refinement levels (each includes the ones before it):
   0  raw: the model's mask logits, upsampled and thresholded; nothing else.
