@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="the demo's training split (prepare_demo_data renders it)")
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per stage and precision")
-    parser.add_argument("--stages", default="1,2", help="which stages to time (the polish stage, 3, steps as the detector stage, 2, does)")
+    parser.add_argument("--stages", default="1,2", help="which stages to time (the polish stage, 3, steps as the detector stage, 2, does; 4 is that at 420 px)")
     args = parser.parse_args()
     cpu = cpu_info()
     speeds = f"matmul fp32 {cpu.fp32_gflops:.0f} / bf16 {cpu.bf16_gflops:.0f} GFLOP/s" if cpu.fp32_gflops else "bf16 matmul not timed"
