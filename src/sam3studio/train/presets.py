@@ -231,6 +231,15 @@ def demo_position_resolution_stage(out: str, data: str, steps: int = 800, image_
     return replace(polish, out=str(Path(out) / "resolution-position"), model=_end_of(polish), steps=steps, image_size=image_size)
 
 
+def demo_position_refine_stage(out: str, data: str, steps: int = 600):
+    """A last, lower cycle at 420 px (in `out`/refine-position), from
+    `demo_position_resolution_stage`'s end: lr 5e-5, and batches drawn with seed 1. A batch
+    depends on (seed, step) alone, so every stage with seed 0 has replayed the first batches
+    the detector stage saw; a new seed shows the model new pairings of scenes and flips."""
+    resolution = demo_position_resolution_stage(out, data)
+    return replace(resolution, out=str(Path(out) / "refine-position"), model=_end_of(resolution), steps=steps, lr=5e-5, seed=1)
+
+
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
     """Render the demo's train / val / test shapes datasets under `root`, unless already there."""
     from .shapes import write_dataset
