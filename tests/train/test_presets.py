@@ -74,12 +74,14 @@ def test_a_fresh_run_starts_from_the_sincos_table_only_when_asked(tmp_path):
 
 
 def test_the_demo_recipe_keeps_positions_from_scratch_and_chains_its_stages(tmp_path):
-    encoder, detector, polish, resolution = demo_training_stages(str(tmp_path), str(tmp_path / "data"))
+    encoder, detector, polish, resolution, refine = demo_training_stages(str(tmp_path), str(tmp_path / "data"))
     assert encoder.model is None and encoder.sincos_positions and encoder.dense_only
     assert detector.model == str(tmp_path / "encoder-position" / "checkpoint")
     assert polish.model == str(tmp_path / "detector-position" / "checkpoint") and polish.lr < detector.lr
     assert resolution.model == str(tmp_path / "polish-position" / "checkpoint") and resolution.image_size == 420 > polish.image_size
-    assert encoder.weights.position == detector.weights.position == polish.weights.position == resolution.weights.position == 20.0
-    unstarted = [SimpleNamespace(config=stage, history=[], step=0) for stage in (encoder, detector, polish, resolution)]  # what training_notes reads of a Trainer
+    assert refine.model == str(tmp_path / "resolution-position" / "checkpoint") and refine.image_size == 420 and refine.lr < resolution.lr
+    assert refine.seed != resolution.seed  # new batches: a batch depends on (seed, step) alone
+    assert encoder.weights.position == detector.weights.position == polish.weights.position == resolution.weights.position == refine.weights.position == 20.0
+    unstarted = [SimpleNamespace(config=stage, history=[], step=0) for stage in (encoder, detector, polish, resolution, refine)]  # what training_notes reads of a Trainer
     recipe = training_notes(unstarted)["recipe"]
     assert recipe.count("sin/cos") == 1 and "'position': 20.0" in recipe  # only the stage that starts the table names it
