@@ -85,3 +85,4 @@ def test_the_demo_recipe_keeps_positions_from_scratch_and_chains_its_stages(tmp_
     unstarted = [SimpleNamespace(config=stage, history=[], step=0) for stage in (encoder, detector, polish, resolution, refine)]  # what training_notes reads of a Trainer
     recipe = training_notes(unstarted)["recipe"]
     assert recipe.count("sin/cos") == 1 and "'position': 20.0" in recipe  # only the stage that starts the table names it
+    assert recipe.count("seed 1,") == 1 and recipe.count("seed 0,") == 4  # the card says which batches each stage saw
