@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sam3studio.evaluate import EvalCase, best_queries, calibrate_scoring, calibrate_threshold, collect, score
+from sam3studio.evaluate import F1_TIE, EvalCase, PromptAnswers, _best_threshold, best_queries, calibrate_scoring, calibrate_threshold, collect, score
 from sam3studio.postprocess import select
 from sam3studio.types import Prompt, RawPrediction
 
@@ -66,6 +66,25 @@ def test_calibration_trades_recall_against_false_positives():
     assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85]), **anything) == 0.15  # a tie goes lower
     assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85])) == 0.85  # F1 2/3, and "b" returns nothing
     assert calibrate_threshold([_case()], np.array([0.15, 0.3])) == 0.15, "no threshold keeps the limit: F1 decides alone"
+
+
+def _hundred_objects(extra_wrong: int) -> dict:
+    """One prompt, 100 objects: 99 found at score 0.9, the last at 0.4 beside `extra_wrong`
+    wrong masks at 0.4."""
+    found = 100 + extra_wrong
+    ious = np.zeros((100, found), np.float32)
+    ious[np.arange(100), np.arange(100)] = 1.0
+    scores = np.array([0.9] * 99 + [0.4] * (1 + extra_wrong), np.float32)
+    return {"a": PromptAnswers(scores, ious)}
+
+
+def test_calibration_takes_the_lower_threshold_when_f1_cannot_tell_them_apart():
+    # At 0.5: F1 198/199 = 0.9950. At 0.3 with 2 wrong masks: 200/202 = 0.9901, within F1_TIE;
+    # with 3: 200/203 = 0.9852, not.
+    assert 0.995 - 200 / 202 < F1_TIE < 0.995 - 200 / 203
+    candidates = np.array([0.3, 0.5])
+    assert _best_threshold([_hundred_objects(2)], candidates, 0.1)[0] == 0.3
+    assert _best_threshold([_hundred_objects(3)], candidates, 0.1)[0] == 0.5
 
 
 def test_scoring_calibration_takes_the_mask_confidence_when_it_ranks_better():

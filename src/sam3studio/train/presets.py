@@ -328,7 +328,7 @@ def answers_of_kind(measured: list[dict], keep) -> list[dict]:
 
 
 def _model_card(config, threshold: float, power: float, notes: dict, reports: list[dict]) -> str:
-    from ..evaluate import MAX_NEGATIVE_FP_RATE
+    from ..evaluate import F1_TIE, MAX_NEGATIVE_FP_RATE
 
     test_count, test_seed = DEMO_DATA["test"]
     size = config.vision_config.backbone_config.image_size
@@ -345,7 +345,7 @@ def _model_card(config, threshold: float, power: float, notes: dict, reports: li
         "",
         f"Default score threshold: {threshold}, on scores times the mask's confidence to the power {power} "
         "(`postprocess.with_mask_confidence`). Both calibrated on the validation split, fp32, for F1 among the thresholds "
-        f"at which at most {MAX_NEGATIVE_FP_RATE:.0%} of absent prompts return anything.",
+        f"at which at most {MAX_NEGATIVE_FP_RATE:.0%} of absent prompts return anything: the lowest threshold within {F1_TIE} of the best F1.",
         "",
         f"## Test split ({test_count} scenes, seed {test_seed}, never seen in training), at that threshold",
         "",
