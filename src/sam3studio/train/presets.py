@@ -253,7 +253,11 @@ def demo_position_negatives_stage(out: str, data: str, steps: int = 700):
     objects' best masks had median score 0.77 and mIoU 0.845 with nothing cut), and every absent
     prompt answered at 0.3 named a color present in the image ("blue triangle" beside a blue
     square: 43 of 136 such prompts, 0 of 236 naming an absent color). With 3 absent prompts an
-    image, 1 of them a shape, training drew 0.9 such prompts an image; with 6, 2.2."""
+    image, 1 of them a shape, training drew 0.9 such prompts an image; with 6, 2.2.
+
+    Not in `demo_training_stages`: it quietened absent prompts (answered at 0.3: 0.115 -> 0.070)
+    but lowered the scores of present objects too, and its best F1 on validation fell 0.8228 ->
+    0.8156 (fp32, k = 4; runs/demo-checkpoint/RESUME.md)."""
     refine = demo_position_refine_stage(out, data)
     return replace(refine, out=str(Path(out) / "negatives-position"), model=_end_of(refine), steps=steps, lr=1e-4, warmup_steps=50,
                    negatives_per_image=6, seed=2)
