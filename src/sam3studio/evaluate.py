@@ -195,12 +195,9 @@ def _best_threshold(cases: list[dict[str, PromptAnswers]], candidates: np.ndarra
         predicted = (tp / report.precision_at_50 if report.precision_at_50 else 0.0) + report.negative_predictions
         f1 = 2 * tp / (predicted + report.instances) if predicted + report.instances else 0.0
         ranked.append((float(threshold), (report.negative_fp_rate <= max_negative_fp, f1)))
-    best_rank = (False, -1.0)
-    for _, rank in ranked:
-        if _ranks_higher(rank, best_rank):
-            best_rank = rank
+    best_rank = max((rank for _, rank in ranked), default=(False, -1.0))
     ties = [threshold for threshold, (within, f1) in ranked if within == best_rank[0] and f1 >= best_rank[1] - F1_TIE]
-    return (min(ties) if ties else 0.5), best_rank
+    return min(ties, default=0.5), best_rank
 
 
 def _ranks_higher(rank: tuple[bool, float], than: tuple[bool, float]) -> bool:
