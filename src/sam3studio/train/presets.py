@@ -243,26 +243,6 @@ def demo_position_refine_stage(out: str, data: str, steps: int = 600):
     return replace(resolution, out=str(Path(out) / "refine-position"), model=_end_of(resolution), steps=steps, lr=5e-5, seed=1)
 
 
-def demo_position_negatives_stage(out: str, data: str, steps: int = 700):
-    """One more 420 px cycle (in `out`/negatives-position), from `demo_position_refine_stage`'s
-    end, with twice the absent prompts: 6 per image, of which 1 an absent shape and 3 sharing a
-    word with a present name. lr 1e-4, batches drawn with seed 2.
-
-    Why: at every threshold the refine checkpoint's answers to absent prompts were what held
-    the calibrated threshold up (validation, k = 4: a tenth of them answered at 0.33, while the
-    objects' best masks had median score 0.77 and mIoU 0.845 with nothing cut), and every absent
-    prompt answered at 0.3 named a color present in the image ("blue triangle" beside a blue
-    square: 43 of 136 such prompts, 0 of 236 naming an absent color). With 3 absent prompts an
-    image, 1 of them a shape, training drew 0.9 such prompts an image; with 6, 2.2.
-
-    Not in `demo_training_stages`: it quietened absent prompts (answered at 0.3: 0.115 -> 0.070)
-    but lowered the scores of present objects too, and its best F1 on validation fell 0.8228 ->
-    0.8156 (fp32, k = 4; runs/demo-checkpoint/RESUME.md)."""
-    refine = demo_position_refine_stage(out, data)
-    return replace(refine, out=str(Path(out) / "negatives-position"), model=_end_of(refine), steps=steps, lr=1e-4, warmup_steps=50,
-                   negatives_per_image=6, seed=2)
-
-
 def prepare_demo_data(root: str | Path) -> dict[str, Path]:
     """Render the demo's train / val / test shapes datasets under `root`, unless already there."""
     from .shapes import write_dataset
