@@ -165,3 +165,45 @@ def test_position_loss_is_zero_only_when_the_channels_hold_the_position():
     features = exact.flip(-1).clone().requires_grad_()
     position_loss(features).backward()
     assert features.grad[:, : len(waves)].abs().sum() > 0
+
+
+def _named(name: str, target: PromptTarget) -> PromptTarget:
+    return PromptTarget(name, target.masks, target.boxes)
+
+
+def test_every_name_quality_is_each_querys_iou_with_each_names_objects_whatever_the_prompt():
+    from sam3studio.train.criterion import every_name_quality
+
+    square, circle = _target((2, 2, 8, 8)), _target((10, 10, 15, 14))
+    image = {"blue square": _named("blue square", square), "square": _named("square", square), "red circle": _named("red circle", circle)}
+    names = ["blue square", "red circle", "square", "star"]
+    p = _predictions(rows=2)  # two prompts on one image: "square" and the absent "star"
+    _make_query_exact(p, 0, 1, (2, 2, 8, 8))
+    _make_query_exact(p, 1, 3, (10, 10, 15, 14))
+    quality = every_name_quality(p.boxes[-1], p.masks, [image, image], names)
+    assert quality.shape == (4, 2, 4)
+    assert quality[0, 0, 1] == 1 and quality[2, 0, 1] == 1 and quality[1, 0, 1] == 0  # the square: its two names, not the circle's
+    assert quality[1, 1, 3] == 1 and quality[0, 1, 3] == 0  # the circle, found under the "star" prompt, is still a red circle
+    assert (quality[3] == 0).all()  # no star in the image
+
+
+def test_every_name_loss_rewards_scores_that_name_what_each_query_covers():
+    from sam3studio.train.criterion import every_name_loss
+
+    square, circle = _target((2, 2, 8, 8)), _target((10, 10, 15, 14))
+    image = {"square": _named("square", square), "circle": _named("circle", circle)}
+    names = ["square", "circle", "star"]
+    p = _predictions()
+    _make_query_exact(p, 0, 0, (2, 2, 8, 8))
+    _make_query_exact(p, 0, 1, (10, 10, 15, 14))
+    p.boxes[:, 0, 2:] = torch.tensor([0.9, 0.9, 1.0, 1.0])  # the other two queries cover nothing, by box as by mask
+    right = torch.full((2, 3, 1, 4), -6.0)
+    right[:, 0, 0, 0], right[:, 1, 0, 1] = 6.0, 6.0
+    swapped = torch.full((2, 3, 1, 4), -6.0)
+    swapped[:, 1, 0, 0], swapped[:, 0, 0, 1] = 6.0, 6.0
+    swapped.requires_grad_(True)
+    good = every_name_loss(right, p.boxes, p.masks, [image], names)
+    bad = every_name_loss(swapped, p.boxes, p.masks, [image], names)
+    assert good < 0.01 < 1.0 < bad
+    bad.backward()
+    assert swapped.grad[-1, 1, 0, 0] > 0 and swapped.grad[-1, 0, 0, 0] < 0  # "circle" down, "square" up for the square's query

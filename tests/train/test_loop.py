@@ -260,3 +260,22 @@ def test_split_pixel_decoder_trains_exactly_as_the_plain_one(shapes, tiny_checkp
     largest = max(g.norm() for g in plain_grads.values())
     for name, plain in plain_grads.items():  # (gradients that are zero in exact arithmetic are rounding noise)
         assert (split_grads[name] - plain).norm() <= 1e-3 * plain.norm() + 1e-6 * largest, name
+
+
+def test_every_name_scores_are_the_models_own_scores_with_the_name_as_prompt(shapes, tiny_checkpoint, tmp_path):
+    from sam3studio.train.criterion import LossWeights
+    from sam3studio.train.loop import forward_batch
+
+    config = _config(shapes, tiny_checkpoint, tmp_path, negatives_per_image=2, weights=LossWeights(every_name=1.0))
+    trainer = Trainer(config, *load_for_training(config))
+    trainer.model.eval()  # no dropout, so both passes compute the same thing
+    samples = trainer.batch(0)
+    with torch.no_grad():
+        predictions, targets, _ = forward_batch(trainer.model, trainer.processor.tokenizer, samples, trainer.plan)
+        every = trainer.every_name_logits(predictions.query_states)
+    names = trainer.data.vocabulary
+    assert every.shape == (*predictions.logits.shape[:1], len(names), *predictions.logits.shape[1:])
+    for row, target in enumerate(targets):  # each row's own prompt, scored either way
+        torch.testing.assert_close(every[:, names.index(target.text), row], predictions.logits[:, row], atol=1e-4, rtol=1e-4)
+    losses = train(config).history
+    assert all(entry["losses"]["every_name"] > 0 for entry in losses)

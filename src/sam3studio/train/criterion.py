@@ -31,6 +31,7 @@ class LossWeights:
     supercategory: float = 0.0  # the same against supercategory names ("star" for stars of any color)
     category_background: float = 1.0  # weight of background pixels within those two losses
     denoising: float = 1.0  # the denoising queries' losses (when a run has them), relative to the matched ones'
+    every_name: float = 0.0  # every query scored against every name of the data (see every_name_loss); 0: off
     position: float = 0.0  # position channels (see position_loss) in the mask features, or in a dense-only step the finest vision features; 0: off
 
 
@@ -41,7 +42,8 @@ class Predictions:
     logits (L, R, Q); boxes (L, R, Q, 4) normalised xyxy; presence (L, R, 1);
     masks (R, Q, M, M) logits of the last layer; semantic (R, 1, M, M) logits or None;
     pixel_features (B, C, M, M): the finest vision features of the B images, for the category loss;
-    mask_features (R, C, M, M): the per-pixel embeddings each query's mask embedding is dotted with.
+    mask_features (R, C, M, M): the per-pixel embeddings each query's mask embedding is dotted with;
+    query_states (L, R, Q, D): each layer's query vectors, which the score head reads.
     """
 
     logits: torch.Tensor
@@ -51,6 +53,7 @@ class Predictions:
     semantic: torch.Tensor | None = None
     pixel_features: torch.Tensor | None = None
     mask_features: torch.Tensor | None = None
+    query_states: torch.Tensor | None = None
 
 
 def match(logits: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor | None, target: PromptTarget, weights: LossWeights) -> tuple[np.ndarray, np.ndarray]:
@@ -123,17 +126,52 @@ def query_quality(boxes: torch.Tensor, masks: torch.Tensor | None, targets: list
     (R, Q, M, M logits) are given, else by box (R, Q, 4 xyxy); 0 throughout for a negative prompt."""
     quality = boxes.new_zeros(boxes.shape[:2])
     for r, target in enumerate(targets):
-        if len(target.boxes) == 0:
-            continue
-        if masks is None:
-            iou = box_iou(boxes[r], torch.as_tensor(target.boxes, device=boxes.device))
-        else:
-            predicted = (masks[r] > 0).flatten(1).float()
-            wanted = (torch.as_tensor(target.masks, device=masks.device) >= 0.5).flatten(1).float()
-            overlap = predicted @ wanted.T
-            iou = overlap / (predicted.sum(1)[:, None] + wanted.sum(1)[None] - overlap).clamp(min=1.0)
-        quality[r] = iou.amax(1)
+        if len(target.boxes):
+            quality[r] = _best_iou(boxes[r], None if masks is None else masks[r], target)
     return quality
+
+
+@torch.no_grad()
+def every_name_quality(boxes: torch.Tensor, masks: torch.Tensor | None, present: list[dict[str, PromptTarget]],
+                       names: list[str]) -> torch.Tensor:
+    """(K, R, Q): each query's best IoU with an object of each of the K `names`, whatever its row's
+    prompt was; `present[r]` holds the objects of every name present in row r's image."""
+    quality = boxes.new_zeros(len(names), *boxes.shape[:2])
+    for r, targets in enumerate(present):
+        for name, target in targets.items():
+            quality[names.index(name), r] = _best_iou(boxes[r], None if masks is None else masks[r], target)
+    return quality
+
+
+def _best_iou(boxes: torch.Tensor, masks: torch.Tensor | None, target: PromptTarget) -> torch.Tensor:
+    """(Q,): each query's best IoU with the target's objects, by mask (Q, M, M logits) or box (Q, 4)."""
+    if masks is None:
+        return box_iou(boxes, torch.as_tensor(target.boxes, device=boxes.device)).amax(1)
+    predicted = (masks > 0).flatten(1).float()
+    wanted = (torch.as_tensor(target.masks, device=masks.device) >= 0.5).flatten(1).float()
+    overlap = predicted @ wanted.T
+    return (overlap / (predicted.sum(1)[:, None] + wanted.sum(1)[None] - overlap).clamp(min=1.0)).amax(1)
+
+
+def every_name_loss(logits: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, present: list[dict[str, PromptTarget]],
+                    names: list[str], aux: float = 1.0) -> torch.Tensor:
+    """Varifocal loss of every query scored against every name (logits (L, K, R, Q)) toward its
+    IoU with that name's objects (`every_name_quality`; by box for the earlier layers, weighted
+    `aux`, by mask for the last), per object counted over the names present in each row's image.
+
+    Why: the prompt's own score (`set_criterion`) tells a query on a blue square only that it is
+    not a "blue triangle" when that happens to be the prompt. The demo model answered absent
+    prompts naming a color of the image with an object of another shape, and shape-only prompts
+    with objects of other shapes; scoring each query against all names teaches the score head
+    to read the object's shape and color from every query, on every row."""
+    layers = logits.shape[0]
+    count = max(1, sum(len(t.boxes) for targets in present for t in targets.values()))
+    total = logits.new_zeros(())
+    for layer in range(layers):
+        last = layer == layers - 1
+        quality = every_name_quality(boxes[layer].float(), masks.float() if last else None, present, names)
+        total = total + (1.0 if last else aux) * varifocal_loss(logits[layer].float(), quality)
+    return total / count
 
 
 def varifocal_loss(logits: torch.Tensor, quality: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from ..precision import Precision, PrecisionPlan, keep_sensitive_modules_fp32, resolve
 from ..speedups import PixelDecoderSkips
-from .criterion import LossWeights, Predictions, category_loss, position_loss, set_criterion
+from .criterion import LossWeights, Predictions, category_loss, every_name_loss, position_loss, set_criterion
 from .data import CocoSegmentationData, TrainingSample
 from .denoising import DenoisingOutput, denoising_losses, denoising_pass, weighted_total
 
@@ -111,7 +111,7 @@ class LayerCapture:
 
         boxes = box_cxcywh_to_xyxy((inverse_sigmoid(self.decoder.reference_boxes) + self.offsets).sigmoid())
         return Predictions(self.scores.squeeze(-1), boxes, self.decoder.presence_logits, output.pred_masks, output.semantic_seg,
-                           mask_features=self.mask_features)
+                           mask_features=self.mask_features, query_states=self.decoder.intermediate_hidden_states)
 
     def close(self) -> None:
         for handle in self._handles:
@@ -352,11 +352,33 @@ class Trainer:
             extra = denoising_losses(denoised, config.weights)
             losses["total"] = losses["total"] + weighted_total(extra, config.weights)
             losses |= extra
+        if config.weights.every_name:
+            losses["every_name"] = self._every_name_loss(predictions, samples)
+            losses["total"] = losses["total"] + config.weights.every_name * losses["every_name"]
         if self.category_head is not None:
             for level, loss in self._category_losses(predictions.pixel_features, samples).items():
                 losses[level] = loss
                 losses["total"] = losses["total"] + getattr(self.config.weights, level) * loss
         return losses
+
+    def _every_name_loss(self, predictions: Predictions, samples: list[TrainingSample]) -> torch.Tensor:
+        """`criterion.every_name_loss` on `every_name_logits`."""
+        present = [{p.text: p for p in sample.prompts if len(p.boxes)} for sample in samples for _ in sample.prompts]  # row order of forward_batch
+        logits = self.every_name_logits(predictions.query_states)
+        return every_name_loss(logits, predictions.boxes, predictions.masks, present, self.data.vocabulary, self.config.weights.aux)
+
+    def every_name_logits(self, query_states: torch.Tensor) -> torch.Tensor:
+        """(L, K, R, Q): the model's own score head applied to the query states (L, R, Q, D) of
+        every row with each of the K names of the data's vocabulary in place of the row's prompt."""
+        names = self.data.vocabulary
+        tokens = self.processor.tokenizer(names, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+        tokens = {k: v.to(self.plan.device) for k, v in tokens.items()}
+        layers, rows, queries, width = query_states.shape
+        with self.plan.autocast():
+            text = self.model.get_text_features(**tokens).pooler_output
+            # (L, 1, R*Q, D) against K names broadcasts to (L, K, R*Q, 1)
+            logits = self.model.dot_product_scoring(query_states.reshape(layers, 1, rows * queries, width), text, tokens["attention_mask"].bool())
+        return logits.reshape(layers, len(names), rows, queries)
 
     def dense_losses(self, samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
         """The per-pixel category losses alone, from the vision encoder's finest features: no
