@@ -392,13 +392,3 @@ def training_notes(trainers: list) -> dict:
         "training time": f"{seconds / 60:.0f} min for {steps} steps ({seconds / max(1, steps):.2f} s per step)",
         "final losses": ", ".join(f"{k} {v:.3f}" for k, v in last.history[-1]["losses"].items()) if last.history else "none",
     }
-
-
-def demo_position_names_stage(out: str, data: str, steps: int = 600):
-    """EXPERIMENT (not in the recipe yet): from `demo_position_refine_stage`'s end, at 420 px, with
-    every query also scored against every name of the data (`criterion.every_name_loss`); lr 1e-4
-    (50 warmup steps), batches drawn with seed 2."""
-    refine = demo_position_refine_stage(out, data)
-    weights = replace(refine.weights, every_name=1.0)
-    return replace(refine, out=str(Path(out) / "names-position"), model=_end_of(refine), steps=steps, lr=1e-4, warmup_steps=50, seed=2,
-                   weights=weights)
