@@ -279,3 +279,17 @@ def test_every_name_scores_are_the_models_own_scores_with_the_name_as_prompt(sha
         torch.testing.assert_close(every[:, names.index(target.text), row], predictions.logits[:, row], atol=1e-4, rtol=1e-4)
     losses = train(config).history
     assert all(entry["losses"]["every_name"] > 0 for entry in losses)
+
+
+def test_pixel_name_accuracy_reads_the_category_head_a_run_trained(shapes, tiny_checkpoint, tmp_path):
+    from sam3studio.train.criterion import LossWeights
+    from sam3studio.train.probes import pixel_name_accuracy
+
+    weights = LossWeights(category=1.0, category_background=0.0)  # object pixels alone, which is what the probe reads
+    train(_config(shapes, tiny_checkpoint, tmp_path, dense_only=True, steps=40, weights=weights))
+    read = pixel_name_accuracy(tmp_path / CHECKPOINT_DIR, shapes)
+    assert read["pixels"] > 0
+    assert 0.0 <= read["name"] <= min(read["first_word"], read["last_word"]) <= 1.0, read
+    assert read["first_word"] > 1 / 6, read  # six colors: a head that learned nothing would be at chance
+    with pytest.raises(FileNotFoundError, match="no category_head"):
+        pixel_name_accuracy(tiny_checkpoint, shapes)

@@ -288,16 +288,19 @@ class Trainer:
 
     def _category_losses(self, pixel_features: torch.Tensor, samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
         categories = np.stack([s.categories for s in samples])
-        losses = {}
-        for level, (tokens, table) in self.category_levels.items():
-            tokens = {k: v.to(self.plan.device) for k, v in tokens.items()}
-            with self.plan.autocast():
-                text = self.model.get_text_features(**tokens).pooler_output
-            valid = tokens["attention_mask"][..., None].float()
-            names = (text.float() * valid).sum(1) / valid.sum(1)  # mean over real tokens, as the scoring head pools
-            labels = torch.from_numpy(table[categories])
-            losses[level] = category_loss(self.category_head(pixel_features.float(), names), labels, self.config.weights.category_background)
-        return losses
+        return {level: category_loss(self.category_logits(pixel_features, level), torch.from_numpy(table[categories]), self.config.weights.category_background)
+                for level, (_, table) in self.category_levels.items()}
+
+    def category_logits(self, pixel_features: torch.Tensor, level: str) -> torch.Tensor:
+        """(B, K + 1, M, M): the category head's score of each pixel of the vision features
+        (B, C, M, M) against the K class names of `level` ("category" or "supercategory"); class
+        0 is background."""
+        tokens = {k: v.to(self.plan.device) for k, v in self.category_levels[level][0].items()}
+        with self.plan.autocast():
+            text = self.model.get_text_features(**tokens).pooler_output
+        valid = tokens["attention_mask"][..., None].float()
+        names = (text.float() * valid).sum(1) / valid.sum(1)  # mean over real tokens, as the scoring head pools
+        return self.category_head(pixel_features.float(), names)
 
     # --- one step ----------------------------------------------------------------------------
 
