@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..precision import Precision, PrecisionPlan, keep_sensitive_modules_fp32, resolve
+from ..segmenter import MAX_TEXT_TOKENS
 from ..speedups import PixelDecoderSkips
 from .criterion import LossWeights, Predictions, category_loss, every_name_loss, position_loss, set_criterion
 from .data import CocoSegmentationData, TrainingSample
@@ -140,6 +141,11 @@ class CategoryHead(torch.nn.Module):
         return self.log_temperature.exp() * torch.einsum("bchw,kc->bkhw", pixels, classes)
 
 
+def tokenize(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Texts as SAM3's text encoder reads them: padded and cut to its MAX_TEXT_TOKENS positions."""
+    return tokenizer(texts, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt")
+
+
 def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: PrecisionPlan, *, denoising_groups: int = 0,
                   box_noise: float = 0.4) -> tuple[Predictions, list, DenoisingOutput | None]:
     """Encode each image once, then run every prompt of every image in one batched pass; with
@@ -150,7 +156,7 @@ def forward_batch(model, tokenizer, samples: list[TrainingSample], plan: Precisi
     pixels = torch.from_numpy(np.stack([s.pixels for s in samples])).to(device)
     rows = [(i, p) for i, s in enumerate(samples) for p in s.prompts]
     image_index = torch.tensor([i for i, _ in rows], device=device)
-    tokens = tokenizer([p.text for _, p in rows], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    tokens = tokenize(tokenizer, [p.text for _, p in rows])
     capture = LayerCapture(model)
     decoder = PixelDecoderSkips.install(model)
     targets = [p for _, p in rows]
@@ -182,7 +188,7 @@ def scale_mask_logits_at_init(model, processor, target_std: float = 2.0) -> floa
     rng = np.random.default_rng(0)
     size = processor.image_processor.size["height"]
     pixels = torch.from_numpy(rng.normal(size=(1, 3, size, size)).astype(np.float32))
-    tokens = processor.tokenizer(["a thing"], padding="max_length", max_length=32, return_tensors="pt")
+    tokens = tokenize(processor.tokenizer, ["a thing"])
     with torch.no_grad():
         std = model(pixel_values=pixels, **tokens).pred_masks.std().item()
         factor = target_std / max(std, 1e-8)
@@ -283,8 +289,7 @@ class Trainer:
                 if parent in names:
                     table[number] = names.index(parent) + 1
             levels["supercategory"] = (names, table)
-        tokenize = self.processor.tokenizer
-        return {k: (tokenize(n, padding="max_length", max_length=32, truncation=True, return_tensors="pt"), t) for k, (n, t) in levels.items()}
+        return {k: (tokenize(self.processor.tokenizer, n), t) for k, (n, t) in levels.items()}
 
     def _category_losses(self, pixel_features: torch.Tensor, samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
         categories = np.stack([s.categories for s in samples])
@@ -374,8 +379,7 @@ class Trainer:
         """(L, K, R, Q): the model's own score head applied to the query states (L, R, Q, D) of
         every row with each of the K names of the data's vocabulary in place of the row's prompt."""
         names = self.data.vocabulary
-        tokens = self.processor.tokenizer(names, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
-        tokens = {k: v.to(self.plan.device) for k, v in tokens.items()}
+        tokens = {k: v.to(self.plan.device) for k, v in tokenize(self.processor.tokenizer, names).items()}
         layers, rows, queries, width = query_states.shape
         with self.plan.autocast():
             text = self.model.get_text_features(**tokens).pooler_output
