@@ -27,7 +27,8 @@ def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size:
         config = TrainConfig(data=str(data), out=unused_out, model=str(checkpoint), weights=LossWeights(category=1.0), image_size=image_size, precision="fp32")
         trainer = Trainer(config, *load_for_training(config))
     trainer.model.eval()
-    words = [trainer.data.categories[cid]["name"].split() for cid in sorted(trainer.data.category_number)]  # category number - 1
+    words = [[""]] + [trainer.data.categories[cid]["name"].split() for cid in sorted(trainer.data.category_number)]  # by category number; 0 background
+    first, last = np.array([w[0] for w in words]), np.array([w[-1] for w in words])
     processor = trainer.processor.image_processor
     rng = np.random.default_rng(0)
     right, pixels = np.zeros(3), 0
@@ -37,10 +38,8 @@ def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size:
                                          mean=processor.image_mean, std=processor.image_std, flip=False)
             features = trainer.model.get_vision_features(pixel_values=torch.from_numpy(sample.pixels[None])).fpn_hidden_states[0]
             named = trainer.category_logits(features, "category").argmax(1)[0].numpy()
-            truth = sample.categories
-            for wanted, got in zip(truth[truth > 0], named[truth > 0]):
-                said = words[got - 1] if got else [None]
-                right += (wanted == got, words[wanted - 1][0] == said[0], words[wanted - 1][-1] == said[-1])
-            pixels += int((truth > 0).sum())
+            wanted, got = sample.categories[sample.categories > 0], named[sample.categories > 0]
+            right += ((wanted == got).sum(), (first[wanted] == first[got]).sum(), (last[wanted] == last[got]).sum())
+            pixels += len(wanted)
     shares = right / max(1, pixels)
     return {"name": float(shares[0]), "first_word": float(shares[1]), "last_word": float(shares[2]), "pixels": pixels}
