@@ -291,5 +291,6 @@ def test_pixel_name_accuracy_reads_the_category_head_a_run_trained(shapes, tiny_
     assert read["pixels"] > 0
     assert 0.0 <= read["name"] <= min(read["first_word"], read["last_word"]) <= 1.0, read
     assert read["first_word"] > 1 / 6, read  # six colors: a head that learned nothing would be at chance
+    assert read["objects"] > 0 and 0.0 <= read["small_object_last_word"] <= 1.0 and 0.0 <= read["object_last_word"] <= 1.0, read
     with pytest.raises(FileNotFoundError, match="no category_head"):
         pixel_name_accuracy(tiny_checkpoint, shapes)

@@ -14,10 +14,14 @@ import torch
 
 
 def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size: int | None = None) -> dict[str, float]:
-    """Over the object pixels of every image of the COCO dataset `data` (at mask resolution, no
-    flips): the share whose category the head names right ("name"), and the shares whose named
-    category has the right first word ("first_word": the color in the shapes data) and last word
-    ("last_word": the shape). `image_size`: the input size to read at; None, the checkpoint's."""
+    """Read the category head over every image of the COCO dataset `data` (at mask resolution,
+    no flips). Per object pixel: the share whose category it names right ("name"), and the
+    shares whose named category has the right first word ("first_word": the color in the shapes
+    data) and last word ("last_word": the shape). Per object, by the majority of its visible
+    pixels' last words: the share named right ("object_last_word"), and that share among the
+    objects smaller than the median ("small_object_last_word"), since a pixel share hides the
+    small objects behind the large ones' many pixels. `image_size`: the input size to read at;
+    None, the checkpoint's."""
     from .criterion import LossWeights
     from .loop import CATEGORY_HEAD_FILE, TrainConfig, Trainer, load_for_training
 
@@ -27,11 +31,11 @@ def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size:
         config = TrainConfig(data=str(data), out=unused_out, model=str(checkpoint), weights=LossWeights(category=1.0), image_size=image_size, precision="fp32")
         trainer = Trainer(config, *load_for_training(config))
     trainer.model.eval()
-    words = [[""]] + [trainer.data.categories[cid]["name"].split() for cid in sorted(trainer.data.category_number)]  # by category number; 0 background
-    first, last = np.array([w[0] for w in words]), np.array([w[-1] for w in words])
+    names = [""] + [trainer.data.categories[cid]["name"] for cid in sorted(trainer.data.category_number)]  # by category number; 0 background
+    first, last = np.array([n.split()[0] if n else "" for n in names]), np.array([n.split()[-1] if n else "" for n in names])
     processor = trainer.processor.image_processor
     rng = np.random.default_rng(0)
-    right, pixels = np.zeros(3), 0
+    right, pixels, objects = np.zeros(3), 0, []  # objects: (visible pixels, majority last word right)
     with torch.no_grad():
         for index in range(len(trainer.data)):
             sample = trainer.data.sample(index, rng, input_size=processor.size["height"], mask_size=processor.mask_size["height"],
@@ -41,5 +45,26 @@ def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size:
             wanted, got = sample.categories[sample.categories > 0], named[sample.categories > 0]
             right += ((wanted == got).sum(), (first[wanted] == first[got]).sum(), (last[wanted] == last[got]).sum())
             pixels += len(wanted)
+            objects += _objects_named(sample, named, names, last)
     shares = right / max(1, pixels)
-    return {"name": float(shares[0]), "first_word": float(shares[1]), "last_word": float(shares[2]), "pixels": pixels}
+    sizes, named_right = np.array(objects, dtype=np.float64).reshape(-1, 2).T
+    small = sizes < np.median(sizes) if len(sizes) else sizes.astype(bool)
+    return {"name": float(shares[0]), "first_word": float(shares[1]), "last_word": float(shares[2]), "pixels": pixels,
+            "object_last_word": float(named_right.mean()) if len(sizes) else 0.0,
+            "small_object_last_word": float(named_right[small].mean()) if small.any() else 0.0, "objects": len(sizes)}
+
+
+def _objects_named(sample, named: np.ndarray, names: list[str], last: np.ndarray) -> list[tuple[int, bool]]:
+    """(visible pixels, whether most of them name the object's last word) for each object of a
+    sample, read from the prompts that are category names (whose masks are one object each)."""
+    objects = []
+    for prompt in sample.prompts:
+        if prompt.text not in names[1:]:
+            continue
+        wanted = last[names.index(prompt.text)]
+        for mask in prompt.masks:
+            visible = mask > 0.5  # masks are area fractions; overlapped parts are already cut away
+            if visible.any():
+                words, counts = np.unique(last[named[visible]], return_counts=True)
+                objects.append((int(visible.sum()), bool(words[counts.argmax()] == wanted)))
+    return objects
