@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import TrainingSample
+
 
 def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size: int | None = None) -> dict[str, float]:
     """Read the category head over every image of the COCO dataset `data` (at mask resolution,
@@ -54,9 +56,10 @@ def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size:
             "small_object_last_word": float(named_right[small].mean()) if small.any() else 0.0, "objects": len(sizes)}
 
 
-def _objects_named(sample, named: np.ndarray, names: list[str], last: np.ndarray) -> list[tuple[int, bool]]:
+def _objects_named(sample: TrainingSample, named: np.ndarray, names: list[str], last: np.ndarray) -> list[tuple[int, bool]]:
     """(visible pixels, whether most of them name the object's last word) for each object of a
-    sample, read from the prompts that are category names (whose masks are one object each)."""
+    sample, read from the prompts that are category names (whose masks are one object each). A
+    tie goes to the word first in alphabetical order."""
     objects = []
     for prompt in sample.prompts:
         if prompt.text not in names[1:]:
