@@ -15,7 +15,7 @@ import torch
 from .data import TrainingSample
 
 
-def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size: int | None = None) -> dict[str, float]:
+def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size: int | None = None) -> dict[str, float | int]:
     """Read the category head over every image of the COCO dataset `data` (at mask resolution,
     no flips). Per object pixel: the share whose category it names right ("name"), and the
     shares whose named category has the right first word ("first_word": the color in the shapes
@@ -23,7 +23,7 @@ def pixel_name_accuracy(checkpoint: str | Path, data: str | Path, *, image_size:
     pixels' last words: the share named right ("object_last_word"), and that share among the
     objects smaller than the median ("small_object_last_word"), since a pixel share hides the
     small objects behind the large ones' many pixels. `image_size`: the input size to read at;
-    None, the checkpoint's."""
+    None, the checkpoint's. The counts ("pixels", "objects") are ints, the shares floats."""
     from .criterion import LossWeights
     from .loop import CATEGORY_HEAD_FILE, TrainConfig, Trainer, load_for_training
 
