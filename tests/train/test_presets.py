@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from sam3studio.loading import SETTINGS_FILE, load_model
 from sam3studio.train.loop import TrainConfig, load_for_training
-from sam3studio.train.presets import (DEMO_IMAGE_SIZE, SINCOS_POSITION_NORM, build_demo_model, demo_training_stages, export_demo_model,
-                                      sincos_position_embeddings, training_notes)
+from sam3studio.train.presets import (DEMO_IMAGE_SIZE, SINCOS_POSITION_NORM, build_demo_model, demo_position_encoder_polish_stage,
+                                      demo_training_stages, export_demo_model, sincos_position_embeddings, training_notes)
 from sam3studio.train.resolution import with_input_size
 from sam3studio.train.shapes import SceneConfig, write_dataset
 
@@ -86,3 +86,11 @@ def test_the_demo_recipe_keeps_positions_from_scratch_and_chains_its_stages(tmp_
     recipe = training_notes(unstarted)["recipe"]
     assert recipe.count("sin/cos") == 1 and "'position': 20.0" in recipe  # only the stage that starts the table names it
     assert recipe.count("seed 1,") == 1 and recipe.count("seed 0,") == 4  # the card says which batches each stage saw
+
+
+def test_the_encoder_polish_continues_the_encoder_stage_lower_on_new_batches(tmp_path):
+    encoder = demo_training_stages(str(tmp_path), str(tmp_path / "data"))[0]
+    polish = demo_position_encoder_polish_stage(str(tmp_path), str(tmp_path / "data"))
+    assert polish.model == str(tmp_path / "encoder-position" / "checkpoint") and polish.out == str(tmp_path / "encoder-polish")
+    assert polish.dense_only and polish.lr < encoder.lr and polish.seed != encoder.seed
+    assert not polish.sincos_positions  # the table comes trained from the encoder stage
