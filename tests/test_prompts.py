@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 
-from sam3studio.prompts import MAX_PROMPTS, PromptError, Sam3Warning, attach_boxes, parse_prompts
+from sam3studio.prompts import MAX_PROMPT_CHARS, MAX_PROMPTS, PromptError, Sam3Warning, attach_boxes, fit_boxes_to_image, parse_prompts
 from sam3studio.types import Prompt
 
 
@@ -76,7 +76,24 @@ def test_numpy_boxes():
     assert attach_boxes(parse_prompts("dog"), np.zeros((0, 4))) == parse_prompts("dog")
 
 
-@pytest.mark.parametrize("boxes,labels", [([[5, 5, 1, 1]], None), ([[0, 0, float("inf"), 4]], None), ([[1, 2, 3]], None), ([[0, 0, 4, 4]], [2]), ([[0, 0, 4, 4]], [1, 0])])
+@pytest.mark.parametrize("boxes,labels", [([[5, 5, 1, 1]], None), ([[0, 0, float("inf"), 4]], None), ([[1, 2, 3]], None), ([[0, 0, 4, 4]], [2]), ([[0, 0, 4, 4]], [1, 0]), ([[0, 0, 4, 4]], ["x"])])
 def test_bad_boxes(boxes, labels):
     with pytest.raises(PromptError):
         attach_boxes([], boxes, labels)
+
+
+@pytest.mark.parametrize("prompt", ["a" + " " * MAX_PROMPT_CHARS + "b:0.5", ["x" * (MAX_PROMPT_CHARS + 1)], {"y" * (MAX_PROMPT_CHARS + 1): 0.3}])
+def test_overlong_prompt_is_refused(prompt):
+    with pytest.raises(PromptError, match=f"at most {MAX_PROMPT_CHARS}"):
+        parse_prompts(prompt)
+
+
+def test_boxes_are_clipped_to_the_image():
+    [fitted] = fit_boxes_to_image(attach_boxes(parse_prompts("dog"), [[-5, 10, 1e308, 30]]), 40, 60)
+    assert fitted.boxes == ((0.0, 10.0, 60.0, 30.0),)
+
+
+@pytest.mark.parametrize("box", [[70, 0, 90, 10], [0, -20, 10, -5]])
+def test_box_outside_the_image_is_refused(box):
+    with pytest.raises(PromptError, match="outside the 60x40 image"):
+        fit_boxes_to_image(attach_boxes(parse_prompts("dog"), [box]), 40, 60)

@@ -125,6 +125,13 @@ def test_box_exemplars_alone_and_with_text(segmenter, scene):
     assert not np.allclose(both.scores, text_only.scores), "the boxes reach the model"
 
 
+def test_box_past_the_edge_is_clipped_to_the_image(segmenter, scene):
+    raw = segmenter.predict(scene, "red square", boxes=[[15, 10, 1e308, 1e308]])
+    height, width = raw.image_size
+    assert raw.prompts[0].boxes == ((15.0, 10.0, float(width), float(height)),)
+    assert np.isfinite(raw.scores).all(), "an overflowing box would make every score NaN"
+
+
 def test_long_prompt_is_truncated_with_a_warning(segmenter, scene):
     with pytest.warns(Sam3Warning, match="tokens"):
         raw = segmenter.predict(scene, "a very long description of a red square in the corner")

@@ -10,10 +10,14 @@ import numbers
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from .types import Prompt
 
 MAX_PROMPTS = 64
+# SAM3 reads 32 tokens of a prompt; far longer text is a paste gone wrong, and parsing it should
+# not cost the server time it owes other requests.
+MAX_PROMPT_CHARS = 500
 # The text SAM3 was trained on: plain English words, digits and light punctuation.
 _ENGLISH_TEXT = re.compile(r"^[A-Za-z0-9\s.,;:'\"()&/+\-!?#%]*$")
 _THRESHOLD_SUFFIX = re.compile(r"^(?P<text>.*?)\s*:\s*(?P<value>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
@@ -57,7 +61,7 @@ def parse_prompts(prompts: PromptsInput | None, *, boxes_given: bool = False) ->
 
 
 def _parse_one(raw: str) -> Prompt:
-    text = raw.strip()
+    text = _check_length(raw).strip()
     threshold = None
     match = _THRESHOLD_SUFFIX.match(text)
     # "dog:0.3" (a decimal, or 0 or 1) sets a threshold; "screen 16:9" or "10:30 clock" is text.
@@ -67,12 +71,19 @@ def _parse_one(raw: str) -> Prompt:
 
 
 def _checked(prompt: Prompt) -> Prompt:
+    _check_length(prompt.text)
     if not prompt.text.strip() and not prompt.boxes:
         raise PromptError("An empty prompt was given: every prompt needs some text or a box.")
     if len(prompt.boxes) != len(prompt.box_labels) and prompt.box_labels:
         raise PromptError(f"Prompt {prompt.label!r}: {len(prompt.boxes)} boxes but {len(prompt.box_labels)} box labels.")
     _check_threshold(prompt.threshold, prompt.label)
     return prompt
+
+
+def _check_length(text: str) -> str:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"A prompt of {len(text)} characters was given ({text[:40]!r}...); at most {MAX_PROMPT_CHARS} are read.")
+    return text
 
 
 def _clean_text(text: str) -> str:
@@ -122,9 +133,10 @@ def attach_boxes(
     if boxes is None or len(boxes) == 0:
         return prompts
     checked = tuple(_check_box(box) for box in boxes)
-    labels = tuple(int(v) for v in box_labels) if box_labels is not None else (1,) * len(checked)
+    labels = tuple(box_labels) if box_labels is not None else (1,) * len(checked)
     if len(labels) != len(checked) or any(v not in (0, 1) for v in labels):
         raise PromptError(f"Give one label per box, each 1 (positive) or 0 (negative); got {list(labels)} for {len(checked)} boxes.")
+    labels = tuple(int(v) for v in labels)
     return [Prompt(p.text, p.threshold, checked, labels) for p in (prompts or [Prompt("")])]
 
 
@@ -136,3 +148,17 @@ def _check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
     if len(values) != 4 or not all(map(math.isfinite, values)) or not (values[0] < values[2] and values[1] < values[3]):
         raise PromptError(f"Box {box!r} is not [x0, y0, x1, y1] with x0 < x1 and y0 < y1.")
     return values  # type: ignore[return-value]
+
+
+def fit_boxes_to_image(prompts: list[Prompt], height: int, width: int) -> list[Prompt]:
+    """Clip every exemplar box to the image. A box reaching past the edge is common (a drag that
+    left the canvas) and means "up to the edge"; one with nothing inside the image cannot show the
+    model anything, and coordinates far outside overflow the model's normalised inputs."""
+    return [replace(p, boxes=tuple(_clip_box(box, height, width) for box in p.boxes)) for p in prompts]
+
+
+def _clip_box(box: tuple[float, float, float, float], height: int, width: int) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height), min(box[2], width), min(box[3], height)
+    if not (x0 < x1 and y0 < y1):
+        raise PromptError(f"Box {list(box)} lies outside the {width}x{height} image.")
+    return (x0, y0, x1, y1)

@@ -36,7 +36,7 @@ from .precision import (
     quantize_int8,
     resolve,
 )
-from .prompts import PromptsInput, Sam3Warning, attach_boxes, parse_prompts
+from .prompts import PromptsInput, Sam3Warning, attach_boxes, fit_boxes_to_image, parse_prompts
 from .speedups import FirstSelfAttentionMemo, FoldedMaskHead, PixelDecoderSkips, install_complex_rope
 from .types import Prompt, RawPrediction, Result
 
@@ -218,6 +218,7 @@ class Segmenter:
         decode_ms = (time.perf_counter() - started) * 1000
         has_boxes = boxes is not None and len(boxes) > 0
         prompt_list = attach_boxes(parse_prompts(prompts, boxes_given=has_boxes), boxes, box_labels)
+        prompt_list = fit_boxes_to_image(prompt_list, *picture.rgb.shape[:2])
         plan = self.plan_for(precision)
         if plan.reason:
             warnings.warn(f"{plan.requested.value} -> {plan.used.value}: {plan.reason}.", Sam3Warning, stacklevel=2)
