@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam3studio.export import CocoDatasetWriter, OutputPathError, decode_rle, encode_rle, mask_polygons, result_document, safe_path, safe_stem, write_result
+from sam3studio.export import MAX_STEM_CHARS, CocoDatasetWriter, OutputPathError, decode_rle, encode_rle, mask_polygons, result_document, safe_path, safe_stem, write_result
 from sam3studio.types import Instance, Result
 
 
@@ -52,6 +52,13 @@ def test_write_all_formats(tmp_path):
     assert json.loads((tmp_path / "photo.json").read_text())["image"] == "photo.jpg"
 
 
+def test_a_prompt_as_long_as_allowed_still_writes_its_png(tmp_path):
+    result = _result()
+    result.instances[0].label = "red " * 124 + "car"  # 499 characters, within MAX_PROMPT_CHARS
+    [png, _overlay] = write_result(result, np.zeros((30, 40, 3), np.uint8), "photo.jpg", tmp_path, "photo", ["png"])
+    assert png.exists() and len(png.name) < 100
+
+
 def test_coco_dataset(tmp_path):
     writer = CocoDatasetWriter()
     writer.add(_result(), "a.jpg")
@@ -77,3 +84,8 @@ def test_paths_never_leave_the_output_folder(tmp_path):
     assert safe_stem("../../etc/pass wd") == "etc_pass_wd"
     assert safe_stem("car/truck") == "car_truck" and safe_stem("car.door") == "car_door"
     assert safe_stem("...") == "image"
+
+
+def test_long_names_are_cut_and_stay_distinct():
+    first, second = safe_stem("red " * 120 + "car"), safe_stem("red " * 120 + "bus")
+    assert len(first) == len(second) == MAX_STEM_CHARS and first != second

@@ -6,6 +6,7 @@ Every path is checked to stay inside the output folder the user named.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -75,9 +76,18 @@ def safe_path(out_dir: Path, name: str) -> Path:
     return target
 
 
+MAX_STEM_CHARS = 80
+
+
 def safe_stem(name: str) -> str:
-    """A file-name stem with no path separators, dots or odd characters ("car/truck" -> "car_truck")."""
+    """A file-name stem with no path separators, dots or odd characters ("car/truck" -> "car_truck").
+
+    Long names are cut to MAX_STEM_CHARS with a hash of the whole name, so a long prompt or file
+    name keeps the file name within the file system's 255 bytes and stays distinct from others.
+    """
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")
+    if len(stem) > MAX_STEM_CHARS:
+        stem = f"{stem[: MAX_STEM_CHARS - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return stem or "image"
 
 
