@@ -3,9 +3,12 @@ result where clicking a region tells what it is. It calls the shared service dir
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import shutil
 import tempfile
+import time
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -24,6 +27,9 @@ from .service import Answer, Busy, NotReady, SegmentService
 # a file's name after "__" is its example prompt.
 EXAMPLES_DIR = Path(__file__).with_name("examples")
 DOWNLOADS_DIR = Path(tempfile.gettempdir()) / "sam3studio-downloads"  # one known place, not scattered temp dirs
+# Gradio serves a copy of each download from its own cache (cleaned by `delete_cache`), made as
+# the handler returns; our originals are dead weight after that, so older ones are removed.
+DOWNLOADS_KEEP_SECONDS = 600
 FAQ = """
 **Tips.** SAM3 understands English prompts only. Separate several things with commas:
 `person, car, blue bag`. Nothing found? Lower the detection threshold, or add a color or a
@@ -174,6 +180,8 @@ def _describe_region(answer: Answer | None, position: str) -> str:
         x, y = (float(v) for v in position.split(",")[:2])
     except ValueError:
         return ""
+    if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):  # also refuses NaN; a negative index would wrap around
+        return ""
     height, width = answer.image.shape[:2]
     col, row = min(int(x * width), width - 1), min(int(y * height), height - 1)
     hits = [i for i, inst in enumerate(answer.result.instances) if inst.mask[row, col]]
@@ -187,9 +195,17 @@ def _describe(answer: Answer, index: int) -> str:
     return f"**{index + 1}. {inst.label}**, score **{inst.score:.2f}** ({inst.area} px)"
 
 
+def _remove_old_downloads(older_than: float) -> None:
+    for folder in DOWNLOADS_DIR.glob("result-*"):
+        with contextlib.suppress(OSError):  # another worker may be removing it too
+            if folder.stat().st_mtime < older_than:
+                shutil.rmtree(folder)
+
+
 def _downloads(answer: Answer) -> list[str]:
     """JSON, masks as a zip of PNGs, and the overlay, in a fresh temporary folder."""
     DOWNLOADS_DIR.mkdir(parents=True, exist_ok=True)
+    _remove_old_downloads(time.time() - DOWNLOADS_KEEP_SECONDS)
     folder = Path(tempfile.mkdtemp(prefix="result-", dir=DOWNLOADS_DIR))
     (folder / "result.json").write_text(json.dumps(result_document(answer.result, "upload")))
     with zipfile.ZipFile(folder / "masks.zip", "w") as archive:
