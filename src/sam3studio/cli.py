@@ -414,6 +414,7 @@ def main() -> None:
     """Entry point: run the app and turn the library's errors into one-line messages."""
     from . import ImageError, ModelLoadError, OptionError, PrecisionError, PromptError
     from .train.data import DataError
+    from .train.loop import TrainingDiverged
 
     warnings.showwarning = _show_warning
     from transformers.utils import logging as hf_logging
@@ -421,7 +422,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     try:
         app()
-    except (CliError, ModelLoadError, PrecisionError, PromptError, OptionError, ImageError, DataError) as exc:
+    except (CliError, ModelLoadError, PrecisionError, PromptError, OptionError, ImageError, DataError, TrainingDiverged) as exc:
         from rich.markup import escape
 
         console.print(f"[red]error:[/red] {escape(str(exc))}")  # messages quote user text, brackets and all

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sam3studio.train.data import CocoSegmentationData, DataError
-from sam3studio.train.loop import CHECKPOINT_DIR, TrainConfig, Trainer, load_for_training, train
+from sam3studio.train.loop import CHECKPOINT_DIR, TrainConfig, Trainer, TrainingDiverged, load_for_training, train
 from sam3studio.train.shapes import SceneConfig, write_dataset
 
 
@@ -78,6 +78,40 @@ def test_freeze_keeps_encoders_fixed(shapes, tiny_checkpoint, tmp_path):
     after = _weights(trainer.model)
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("vision_encoder", "text_encoder")))
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("detr_decoder"))
+
+
+def _poisoned(trainer: Trainer, steps: set[int]) -> None:
+    """Make the loss of the given steps (0-based) NaN, as a half-precision overflow would."""
+    honest = trainer.set_losses
+
+    def set_losses(samples):
+        losses = honest(samples)
+        if trainer.step in steps:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    trainer.set_losses = set_losses
+
+
+def test_a_step_with_nan_gradients_is_skipped_and_the_weights_stay_finite(shapes, tiny_checkpoint, tmp_path):
+    config = _config(shapes, tiny_checkpoint, tmp_path / "nan", steps=4)
+    model, processor = load_for_training(config)
+    trainer = Trainer(config, model, processor)
+    _poisoned(trainer, {1})
+    with pytest.warns(RuntimeWarning, match="Step 2: the gradients are not finite"):
+        assert trainer.run() is True
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    assert trainer.scheduler.last_epoch == 3, "the skipped step does not advance the schedule"
+
+
+def test_a_run_whose_gradients_stay_nan_stops_with_sound_weights(shapes, tiny_checkpoint, tmp_path):
+    config = _config(shapes, tiny_checkpoint, tmp_path / "diverged", steps=12)
+    model, processor = load_for_training(config)
+    trainer = Trainer(config, model, processor)
+    _poisoned(trainer, set(range(2, 12)))
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainingDiverged, match="5 steps in a row up to step 7"):
+        trainer.run()
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
 
 
 def _break(shapes, tmp_path, change) -> str:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,12 @@ TRAINER_FILES = ("optimizer.safetensors", CATEGORY_HEAD_FILE, "trainer_state.jso
 # Settings a resumed run must share with the one it continues, or its batches and schedule change.
 RESUME_MUST_MATCH = ("data", "model", "steps", "images_per_step", "negatives_per_image", "coarse_negatives", "quality_targets", "dense_only", "lr", "weight_decay",
                      "warmup_steps", "min_lr_ratio", "seed", "freeze", "image_size", "denoising_groups", "box_noise", "weights")
+MAX_NONFINITE_STEPS = 5  # skipped steps in a row before a run is judged diverged
 FREEZABLE = {"vision": ("vision_encoder",), "text": ("text_encoder", "text_projection")}
+
+
+class TrainingDiverged(RuntimeError):
+    """Training keeps producing gradients that are not finite; the message says what to change."""
 
 
 @dataclass
@@ -248,6 +254,7 @@ class Trainer:
         cuda_fp16 = self.plan.device.type == "cuda" and self.plan.used is Precision.FP16
         self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None
         self.step = 0
+        self.nonfinite_steps_in_a_row = 0
         self.lr = config.lr
         self.history: list[dict] = []
 
@@ -332,19 +339,35 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.config.grad_clip)
         if self.scaler is not None:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             stepped = self.scaler.get_scale() >= scale  # a lowered scale means the step was skipped
         else:
-            self.optimizer.step()
-            stepped = True
+            stepped = self._step_if_finite(grad_norm)
         if stepped:
             self.scheduler.step()
         self.step += 1
         return {k: float(v.detach()) for k, v in losses.items()}
+
+    def _step_if_finite(self, grad_norm: torch.Tensor) -> bool:
+        """Without a GradScaler nothing else stops a NaN or infinite gradient, and one AdamW step
+        on it makes every weight NaN, which the next checkpoint would then keep. So such a step
+        is skipped, and a run whose steps keep failing stops with the weights still sound."""
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.nonfinite_steps_in_a_row = 0
+            return True
+        self.nonfinite_steps_in_a_row += 1
+        warnings.warn(f"Step {self.step + 1}: the gradients are not finite; the step is skipped.", RuntimeWarning, stacklevel=2)
+        if self.nonfinite_steps_in_a_row >= MAX_NONFINITE_STEPS:
+            raise TrainingDiverged(
+                f"{MAX_NONFINITE_STEPS} steps in a row up to step {self.step + 1} had gradients that are not finite; "
+                "the weights are those before them. Try a lower --lr, or --precision fp32."
+            )
+        return False
 
     def set_losses(self, samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
         """The full model's losses: the DETR set criterion on every prompt row, plus the
