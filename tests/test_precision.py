@@ -68,6 +68,8 @@ def test_cuda_plans_do_not_need_a_gpu():
     plan = resolve("auto", "cuda")
     assert plan.used is Precision.FP16 and plan.autocast_dtype is torch.float16
     assert resolve("fp32", "cuda").autocast_dtype is None
+    if not torch.cuda.is_available():
+        assert resolve("bf16", "cuda:1").used is Precision.FP16, "no GPU to ask: bf16 is not known to work"
 
 
 def test_unknown_precision_and_device():

@@ -160,7 +160,7 @@ def resolve(
     requested = Precision.parse(mode)
     device = torch.device(device)
     if device.type == "cuda":
-        used, reason = _resolve_cuda(requested, force)
+        used, reason = _resolve_cuda(requested, force, device)
     elif device.type == "cpu":
         used, reason = _resolve_cpu(requested, force)
     else:
@@ -169,14 +169,21 @@ def resolve(
     return PrecisionPlan(requested, used, device, weights, "; ".join(r for r in (reason, weights_note) if r))
 
 
-def _resolve_cuda(requested: Precision, force: bool) -> tuple[Precision, str]:
+def _resolve_cuda(requested: Precision, force: bool, device: torch.device) -> tuple[Precision, str]:
     if requested is Precision.AUTO:
         return Precision.FP16, ""
     if requested is Precision.INT8:
         return Precision.FP16, "int8 (dynamic quantization) runs on CPUs only; fp16 is the fast path on a GPU"
-    if requested is Precision.BF16 and not force and not torch.cuda.is_bf16_supported():
+    if requested is Precision.BF16 and not force and not _cuda_bf16(device):
         return Precision.FP16, "this GPU has no bf16 support; running fp16"
     return requested, ""
+
+
+def _cuda_bf16(device: torch.device) -> bool:
+    if not torch.cuda.is_available():  # a plan made without a GPU, e.g. to show what it would run
+        return False
+    with torch.cuda.device(device):  # the GPU asked for, which need not be the current one
+        return torch.cuda.is_bf16_supported()
 
 
 def _resolve_cpu(requested: Precision, force: bool) -> tuple[Precision, str]:

@@ -290,8 +290,8 @@ class Segmenter:
         if self.weights_dtype == torch.float32 or plan.autocast_dtype == self.weights_dtype:
             yield
             return
-        self.model.float()
         try:
+            self.model.float()  # inside: an out-of-memory error halfway must still restore every weight
             yield
         finally:
             cast_weights(self.model, self.weights_dtype)
@@ -305,6 +305,7 @@ class Segmenter:
 
         start = time.perf_counter()
         text_embeds, text_mask = self._encode_texts([p.text or BOX_ONLY_TEXT for p in prompts], plan)
+        synchronize(plan.device)
         timings["encode_text"] = (time.perf_counter() - start) * 1000
 
         start = time.perf_counter()

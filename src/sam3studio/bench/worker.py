@@ -176,13 +176,14 @@ def measure_transformers(spec: WorkerSpec) -> WorkerResult:
 def main(argv: list[str]) -> int:
     spec_path, result_path = argv
     spec = WorkerSpec(**json.loads(Path(spec_path).read_text()))
-    if spec.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    cuda = torch.device(spec.device) if spec.device.startswith("cuda") else None  # "cuda:1" measures that GPU
+    if cuda is not None:
+        torch.cuda.reset_peak_memory_stats(cuda)
     measure = measure_transformers if spec.engine == BASELINE else measure_sam3studio
     result = measure(spec)
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    if spec.device.startswith("cuda"):
-        result.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    if cuda is not None:
+        result.cuda_peak_mb = torch.cuda.max_memory_allocated(cuda) / 2**20
     Path(result_path).write_text(json.dumps(asdict(result), indent=1))
     return 0
 
