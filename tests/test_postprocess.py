@@ -137,3 +137,11 @@ def test_threshold_change_on_cached_outputs_is_fast():
     start = time.perf_counter()
     select(raw, threshold=0.97, refine=1)
     assert time.perf_counter() - start < 5.0
+
+
+def test_fewer_masks_are_upsampled_at_once_on_huge_images():
+    from sam3studio.postprocess import upsample_chunk
+
+    assert upsample_chunk((480, 640)) == 16
+    assert upsample_chunk((4000, 10000)) == 5, "40 MP, the server's limit: 5 x 160 MB of float32"
+    assert upsample_chunk((20000, 20000)) == 1

@@ -202,6 +202,21 @@ def test_cached_outputs_cannot_be_changed_by_a_caller(segmenter, scene):
         raw.scores[0, 0] = 1.0
 
 
+def test_the_cache_of_outputs_keeps_within_its_byte_budget():
+    from sam3studio.segmenter import LruCache
+
+    cache = LruCache(8, max_bytes=100, size_of=len)
+    cache.put("a", "x" * 40)
+    cache.put("b", "x" * 40)
+    cache.get("a")  # "b" is now the least recently used
+    cache.put("c", "x" * 40)
+    assert cache.get("b") is None and cache.get("a") and cache.get("c")
+    cache.put("huge", "x" * 101)
+    assert cache.get("huge") is None and len(cache) == 2, "an entry over the whole budget is not kept"
+    cache.put("a", "x" * 90)
+    assert cache.get("c") is None and len(cache) == 1, "replacing an entry counts only its new size"
+
+
 @pytest.mark.slow
 def test_full_size_sam3_runs_through_the_segmenter(scene):
     """The real architecture (840 M random weights, 1008 px input): shapes, fp32 outputs and the

@@ -37,7 +37,8 @@ from .types import Instance, RawPrediction, Result
 
 REFINE_LEVELS = {0: "raw", 1: "clean", 2: "smooth", 3: "solid"}
 _MIN_SPECK_PX = 16
-_UPSAMPLE_CHUNK = 16  # masks upsampled at once: 16 x 12 MP float32 is 770 MB at most
+_UPSAMPLE_BUDGET_BYTES = 800_000_000  # float32 masks upsampled at once: 16 at 12 MP, 5 at 40 MP
+_UPSAMPLE_MOST = 16
 SAME_OBJECT_IOU = 0.5
 SAME_OBJECT_COVER = 0.6  # share of the smaller mask inside the larger
 
@@ -58,6 +59,11 @@ def check_options(threshold: float, mask_threshold: float, refine: int, nms_iou:
         raise OptionError(f"nms_iou must be in (0, 1]; got {nms_iou!r}.")
 
 
+def upsample_chunk(image_size: tuple[int, int]) -> int:
+    """How many masks to upsample in one go for an image of this size."""
+    return max(1, min(_UPSAMPLE_MOST, _UPSAMPLE_BUDGET_BYTES // (image_size[0] * image_size[1] * 4)))
+
+
 def select(
     raw: RawPrediction,
     *,
@@ -76,6 +82,7 @@ def select(
     started = time.perf_counter()
     instances: list[Instance] = []
     logit_cut = math.log(mask_threshold / (1 - mask_threshold))
+    chunk_size = upsample_chunk(raw.image_size)
     for index, prompt in enumerate(raw.prompts):
         cut = threshold if prompt.threshold is None else prompt.threshold
         kept = np.flatnonzero(raw.scores[index] >= cut)
@@ -83,8 +90,8 @@ def select(
         kept = kept[one_per_object(raw.mask_logits[index][kept] > logit_cut)]
         if kept.size == 0:
             continue
-        for start in range(0, kept.size, _UPSAMPLE_CHUNK):  # bounded memory at any threshold
-            chunk = kept[start : start + _UPSAMPLE_CHUNK]
+        for start in range(0, kept.size, chunk_size):  # bounded memory at any threshold and image size
+            chunk = kept[start : start + chunk_size]
             masks = upsample_masks(raw.mask_logits[index][chunk], raw.image_size) > logit_cut
             for query, mask in zip(chunk, masks):
                 mask = refine_mask(mask, refine)

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -45,27 +45,41 @@ BOX_ONLY_TEXT = "visual"  # the text transformers pairs with box-only prompts
 # Activation memory one detection pass may take (see Segmenter._prompts_per_pass).
 PASS_BUDGET_BYTES = 1_200_000_000
 MAX_PROMPTS_PER_PASS = 64
+# Raw outputs kept for reuse: about 15 prompts' worth at full size, however they were batched.
+PREDICTION_CACHE_BYTES = 1_000_000_000
 BACKENDS = ("torch", "onnxruntime")  # what encodes images; see onnx_vision for when the second pays
 
 
 class LruCache:
-    """A small least-recently-used map; the Segmenter's lock guards it."""
+    """A small least-recently-used map, bounded by count and optionally by bytes; the
+    Segmenter's lock guards it."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, *, max_bytes: int | None = None, size_of: Callable[[object], int] = lambda _: 0):
         self.capacity = capacity
-        self._items: OrderedDict[Hashable, object] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.size_of = size_of
+        self._items: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
+        self._bytes = 0
 
     def get(self, key: Hashable):
         if key in self._items:
             self._items.move_to_end(key)
-            return self._items[key]
+            return self._items[key][0]
         return None
 
     def put(self, key: Hashable, value: object) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        self._drop(key)
+        size = self.size_of(value)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return  # one entry larger than the whole budget is not kept at all
+        self._items[key] = (value, size)
+        self._bytes += size
+        while len(self._items) > self.capacity or (self.max_bytes is not None and self._bytes > self.max_bytes):
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, key: Hashable) -> None:
+        if key in self._items:
+            self._bytes -= self._items.pop(key)[1]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -125,7 +139,7 @@ class Segmenter:
         self._images = LruCache(cache_size)
         self._texts = LruCache(512)
         # Raw outputs hold P x Q mask logits (about 66 MB per prompt at full size), so few are kept.
-        self._predictions = LruCache(max(1, cache_size // 2))
+        self._predictions = LruCache(max(1, cache_size // 2), max_bytes=PREDICTION_CACHE_BYTES, size_of=_raw_bytes)
         self._plans: dict[str, PrecisionPlan] = {plan.requested.value: plan}
         self.image_encoder = image_encoder
         if image_encoder is not None:  # its own weights encode images: free torch's before quantizing
@@ -426,6 +440,10 @@ class Segmenter:
                 boxes[i, j] = torch.tensor([(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height])
                 labels[i, j] = prompt.box_labels[j] if prompt.box_labels else 1
         return boxes.to(self.device), labels.to(self.device)
+
+
+def _raw_bytes(raw: RawPrediction) -> int:
+    return raw.scores.nbytes + raw.boxes.nbytes + raw.mask_logits.nbytes
 
 
 def _as_slice(rows: list[int]) -> slice | list[int]:

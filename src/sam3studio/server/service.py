@@ -56,6 +56,10 @@ class SegmentService:
         self.ready = threading.Event()
         self._slots = threading.BoundedSemaphore(config.max_waiting + 1)
         self._model_lock = threading.Lock()
+        # Post-processing runs outside the model lock, so that the next request's model pass can
+        # start; two at a time keep both cores busy, and bound memory: each can take ~1 GB on
+        # a 40 MP image.
+        self._postprocessing = threading.BoundedSemaphore(2)
 
     def start(self) -> threading.Thread:
         """Load and warm up in the background; /readyz turns 200 when done."""
@@ -95,14 +99,17 @@ class SegmentService:
             self._slots.release()
         cut = segmenter.default_threshold if threshold is None else threshold
         started = time.perf_counter()
-        result = select(raw, threshold=cut, refine=refine)
+        with self._postprocessing:
+            result = select(raw, threshold=cut, refine=refine)
         result.timings_ms["postprocess"] = (time.perf_counter() - started) * 1000
         # Only our own warnings (prompt language, precision changes); the catch is process-wide.
         return Answer(result, rgb, raw, [str(w.message) for w in caught if issubclass(w.category, Sam3Warning)])
 
     def reselect(self, answer: Answer, *, threshold: float, refine: int) -> Answer:
         """A new threshold or refinement level on the same model outputs: no model run."""
-        return Answer(select(answer.raw, threshold=threshold, refine=refine), answer.image, answer.raw, answer.warnings)
+        with self._postprocessing:
+            result = select(answer.raw, threshold=threshold, refine=refine)
+        return Answer(result, answer.image, answer.raw, answer.warnings)
 
     def _require_ready(self) -> Segmenter:
         if self.segmenter is None:
