@@ -144,7 +144,7 @@ def measure_transformers(spec: WorkerSpec) -> WorkerResult:
     _import_transformers()
 
     def load():
-        return Sam3Processor.from_pretrained(folder), Sam3Model.from_pretrained(folder).to(spec.device).eval()
+        return Sam3Processor.from_pretrained(folder), Sam3Model.from_pretrained(folder, use_safetensors=True).to(spec.device).eval()
 
     (processor, model), load_ms = _timed(spec.device, load)
 
