@@ -30,6 +30,7 @@ DOWNLOADS_DIR = Path(tempfile.gettempdir()) / "sam3studio-downloads"  # one know
 # Gradio serves a copy of each download from its own cache (cleaned by `delete_cache`), made as
 # the handler returns; our originals are dead weight after that, so older ones are removed.
 DOWNLOADS_KEEP_SECONDS = 600
+SESSION_OUTPUTS_TTL_S = 3600
 FAQ = """
 **Tips.** SAM3 understands English prompts only. Separate several things with commas:
 `person, car, blue bag`. Nothing found? Lower the detection threshold, or add a color or a
@@ -108,7 +109,9 @@ def build_ui(service: SegmentService) -> gr.Blocks:
                 status = gr.Markdown(elem_id="status")
                 downloads = gr.File(label="Downloads", file_count="multiple")
         gr.Markdown(FAQ)
-        answer = gr.State()
+        # The sliders re-select from the session's raw outputs (66 MB a prompt at SAM3's full
+        # size), so a session idle for an hour gives them up; a slider then waits for a new run.
+        answer = gr.State(time_to_live=SESSION_OUTPUTS_TTL_S)
 
         outputs = [result, table, status, downloads, answer, clicked]
         inputs = [image, prompts, threshold, refine, precision]
