@@ -113,14 +113,18 @@ def test_train_then_eval(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "checkpoint" / "model.safetensors").is_file() and "done: 3 steps" in proc.stderr
     assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["vision_config"]["backbone_config"]["image_size"] == 140
-    report = tmp_path / "eval.json"
-    proc = run("eval", "--model", str(run_dir / "checkpoint"), "--data", str(shapes), "--precision", "fp32,bf16",
+    report = tmp_path / "reports" / "eval.json"  # its folder is made
+    proc = run("eval", "--model", str(run_dir / "checkpoint"), "--data", str(shapes), "--precision", "fp32,bf16,int8",
                "--force-precision", "--threshold", "0.1", "--json", str(report), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(report.read_text())
-    assert [r["precision"] for r in rows] == ["fp32 (ran fp32)", "bf16 (ran bf16)"]
+    assert [r["precision"] for r in rows] == ["fp32 (ran fp32)", "bf16 (ran bf16)", "int8 (ran int8)"]
     assert all(0 <= r["miou"] <= 1 and r["images"] == 3 for r in rows)
     assert "mIoU" in proc.stdout
+    for bad, message in ((["--limit", "0"], "--limit must be 1 or more"), (["--threshold", "1.5"], "threshold must be"),
+                         (["--precision", "fp32,fp33"], "Unknown precision 'fp33'")):
+        proc = run("eval", "--model", str(run_dir / "checkpoint"), "--data", str(shapes), *bad, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_train_needs_data_or_a_preset(tmp_path):

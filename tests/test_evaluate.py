@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sam3studio.evaluate import F1_TIE, EvalCase, PromptAnswers, _best_threshold, best_queries, calibrate_scoring, calibrate_threshold, collect, score
+from sam3studio.evaluate import F1_TIE, EvalCase, PromptAnswers, _best_threshold, best_queries, calibrate_scoring, queries_to_keep, calibrate_threshold, collect, score
 from sam3studio.postprocess import select
 from sam3studio.types import Prompt, RawPrediction
 
@@ -128,3 +128,9 @@ def test_best_queries_keeps_the_top_scores_of_each_prompt_with_their_masks():
         assert np.array_equal(slim.mask_logits[p, :, 0, 0], masks[p, top, 0, 0])
         assert np.array_equal(slim.boxes[p], raw.boxes[p, top])
     assert best_queries(raw, 10) is raw
+
+
+def test_crowded_images_keep_enough_queries_to_find_every_object():
+    assert queries_to_keep({"a": np.zeros((3, 4, 4), bool)}) == 32
+    assert queries_to_keep({"a": np.zeros((3, 4, 4), bool), "person": np.zeros((40, 4, 4), bool)}) == 80
+    assert queries_to_keep({}) == 32

@@ -77,7 +77,8 @@ def test_incomplete_or_corrupt_checkpoint_is_refused(tiny_checkpoint, tmp_path, 
         load_model(str(folder), weights_dtype=weights_dtype)
 
 
-@pytest.mark.parametrize("name,message", [("./nowhere", "no such folder"), ("not a repo id", "no such folder"), ("a/b/c", "owner/name")])
+@pytest.mark.parametrize("name,message", [("./nowhere", "no such folder"), ("not a repo id", "no such folder"), ("a/b/c", "owner/name"),
+                                          ("my models/sam3", "not a valid hub id"), ("facebook/sam3@main", "not a valid hub id")])
 def test_bad_model_names(name, message):
     with pytest.raises(ModelLoadError, match=message):
         load_model(name)

@@ -274,15 +274,25 @@ def evaluate_model(
 
     from . import load_segmenter
     from .evaluate import collect, score
+    from .postprocess import check_options
+    from .precision import Precision
     from .train.data import CocoSegmentationData
 
+    modes = [Precision.parse(m.strip()) for m in precision.split(",") if m.strip()]  # every mode checked before any runs
+    if threshold is not None:
+        check_options(threshold, 0.5, 0, None)
+    if limit is not None and limit < 1:
+        raise CliError(f"--limit must be 1 or more; got {limit}.")
     dataset = CocoSegmentationData(data)
-    seg = load_segmenter(model, precision="fp32", force_precision=force_precision)
-    cut = seg.default_threshold if threshold is None else threshold
+    # int8 quantizes the weights when the model loads; every other mode runs on fp32 weights.
+    segmenters = {kind: load_segmenter(model, precision=kind, force_precision=force_precision)
+                  for kind in dict.fromkeys("int8" if m is Precision.INT8 else "fp32" for m in modes)}
+    cut = next(iter(segmenters.values())).default_threshold if threshold is None else threshold
     reports = []
-    for mode in [m.strip() for m in precision.split(",") if m.strip()]:
-        cases, seconds = collect(seg, dataset, precision=mode, limit=limit)
-        report = score(cases, cut, label=f"{mode} (ran {cases[0].raw.precision_used})" if cases else mode)
+    for mode in modes:
+        seg = segmenters["int8" if mode is Precision.INT8 else "fp32"]
+        cases, seconds = collect(seg, dataset, precision=mode.value, limit=limit)
+        report = score(cases, cut, label=f"{mode.value} (ran {cases[0].raw.precision_used})" if cases else mode.value)
         report.seconds = seconds
         reports.append(report)
     table = Table(title=f"{model} on {data} ({reports[0].images if reports else 0} images, threshold {cut})")
@@ -292,6 +302,7 @@ def evaluate_model(
         table.add_row(r.precision, f"{r.miou:.4f}", f"{r.precision_at_50:.3f}", f"{r.recall_at_50:.3f}", f"{r.negative_fp_rate:.3f}", str(r.duplicates), f"{r.seconds:.1f}")
     Console().print(table)
     if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps([r.as_dict() for r in reports], indent=1))
 
 

@@ -49,20 +49,27 @@ def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negat
     """Run the model once per image; returns the cases and the seconds spent."""
     cases = []
     started = time.perf_counter()
-    for index in range(min(len(data), limit or len(data))):
+    for index in range(len(data) if limit is None else min(len(data), limit)):
         truth = data.ground_truth(index)
-        absent = [n for n in data.vocabulary if n not in truth]
+        absent = [n for n in data.vocabulary if n not in truth and n not in data.names_on_image[data.image_ids[index]]]
         rng = np.random.default_rng([seed, index])
         negatives = rng.choice(absent, size=min(negatives_per_image, len(absent)), replace=False).tolist() if absent else []
         # Prompt objects: names reach the model exactly as written (no comma or ":0.5" parsing).
         raw = seg.predict(data.image_path(index), [Prompt(name) for name in [*truth, *negatives]], precision=precision)
-        cases.append(EvalCase(best_queries(raw, KEPT_QUERIES), truth, negatives))
+        data.check_decoded_size(index, raw.image_size)
+        cases.append(EvalCase(best_queries(raw, queries_to_keep(truth)), truth, negatives))
     return cases, time.perf_counter() - started
 
 
-# Queries kept per prompt for scoring. No prompt here has more objects than this, and full-size
-# SAM3's 200 queries of 288x288 mask logits would take 66 MB per prompt and image to keep.
+# Queries kept per prompt for scoring, at least (see queries_to_keep): full-size SAM3's 200
+# queries of 288x288 mask logits would take 66 MB per prompt and image to keep.
 KEPT_QUERIES = 32
+
+
+def queries_to_keep(truth: dict[str, np.ndarray]) -> int:
+    """KEPT_QUERIES, or twice the most objects one name has in the image: a crowded scene's
+    objects must all be findable among the kept queries, with room for wrong answers."""
+    return max(KEPT_QUERIES, 2 * max((len(masks) for masks in truth.values()), default=0))
 
 
 def best_queries(raw: RawPrediction, keep: int) -> RawPrediction:

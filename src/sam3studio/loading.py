@@ -89,6 +89,8 @@ def _hub_snapshot(repo_id: str, *, offline: bool, revision: str | None, token: s
                 repo_id, revision=revision, token=token, local_files_only=offline, allow_patterns=SNAPSHOT_PATTERNS
             )
         )
+    except hub_errors.HFValidationError:  # e.g. a mistyped folder "my models/sam3", or "owner/name@main"
+        raise ModelLoadError(f"{repo_id}: no such folder, and not a valid hub id of the form owner/name (e.g. facebook/sam3).") from None
     except hub_errors.GatedRepoError:
         raise ModelLoadError(
             f"{repo_id} is gated. Request access at https://huggingface.co/{repo_id}, then set HF_TOKEN "

@@ -134,6 +134,14 @@ def _break(shapes, tmp_path, change) -> str:
         (lambda d, f: d["annotations"][0]["segmentation"].update(size=[5, 5]), "mask size"),
         (lambda d, f: d["annotations"][0].update(segmentation=[[0, 0, 5000, 0, 5000, 10]]), "outside"),
         (lambda d, f: d["annotations"][0].update(segmentation=[[0, 0, 5, 0, 5]]), "even number"),
+        (lambda d, f: d["annotations"][0]["segmentation"].update(counts="0P2"), "do not cover"),  # runs of an 8x8 mask
+        (lambda d, f: d["annotations"][0]["segmentation"].update(counts=[10, 10**9]), "do not cover"),
+        (lambda d, f: d["annotations"][0]["segmentation"].pop("counts"), "do not cover"),
+        (lambda d, f: d["images"].append(d["images"][0] | {"file_name": d["images"][1]["file_name"]}), "image id .* given twice"),
+        (lambda d, f: d["categories"].append(d["categories"][0] | {"name": "other"}), "category id .* given twice"),
+        (lambda d, f: d["images"][0].pop("height"), "needs id .integer., file_name .text., width .integer., height"),
+        (lambda d, f: d["categories"][0].update(name=""), "needs id .integer., name .text."),
+        (lambda d, f: d["annotations"][0].update(category_id=None), "needs integer image_id and category_id"),
     ],
 )
 def test_bad_datasets_fail_clearly(shapes, tmp_path, change, message):
@@ -141,19 +149,55 @@ def test_bad_datasets_fail_clearly(shapes, tmp_path, change, message):
         CocoSegmentationData(_break(shapes, tmp_path, change))
 
 
-def test_image_size_must_match_its_annotations(shapes, tmp_path):
-    def swap(document, folder):
-        info = next(i for i in document["images"] if i["width"] != i["height"])
-        info["width"], info["height"] = info["height"], info["width"]  # as if EXIF-rotated
-        for ann in document["annotations"]:
-            if ann["image_id"] == info["id"]:
-                ann["segmentation"]["size"] = [info["height"], info["width"]]
-                ann["bbox"] = [0, 0, 1, 1]
+def test_a_coco_file_that_is_not_an_object_fails_clearly(tmp_path):
+    (tmp_path / "annotations.json").write_text("[]")
+    with pytest.raises(DataError, match="JSON object"):
+        CocoSegmentationData(tmp_path)
 
-    data = CocoSegmentationData(_break(shapes, tmp_path, swap))
+
+def test_numbers_written_as_strings_or_floats_are_read(shapes, tmp_path):
+    def loosen(document, folder):
+        document["images"][0].update(id=str(document["images"][0]["id"]), width=float(document["images"][0]["width"]))
+
+    data = CocoSegmentationData(_break(shapes, tmp_path, loosen))
+    assert all(isinstance(info["width"], int) and isinstance(image_id, int) for image_id, info in data.images.items())
+
+
+def test_names_of_crowd_annotations_are_never_drawn_as_absent(shapes, tmp_path):
+    def crowd(document, folder):
+        document["annotations"][0]["iscrowd"] = 1
+
+    data = CocoSegmentationData(_break(shapes, tmp_path, crowd))
+    ann = data.annotations[0]
+    index = data.image_ids.index(ann["image_id"])
+    crowd_names = set(data._names(data.categories[ann["category_id"]]))
+    for seed in range(20):
+        sample = data.sample(index, np.random.default_rng(seed), input_size=56, mask_size=16, mean=[0.5] * 3, std=[0.5] * 3, negatives=20)
+        assert not crowd_names & {p.text for p in sample.prompts if len(p.masks) == 0}, "a crowd of stars is no proof of 'no star'"
+
+
+def _as_if_rotated(document, folder):
+    info = next(i for i in document["images"] if i["width"] != i["height"])
+    info["width"], info["height"] = info["height"], info["width"]  # as if EXIF-rotated
+    for ann in document["annotations"]:
+        if ann["image_id"] == info["id"]:
+            ann["segmentation"]["size"] = [info["height"], info["width"]]
+            ann["bbox"] = [0, 0, 1, 1]
+
+
+def test_image_size_must_match_its_annotations(shapes, tmp_path):
+    data = CocoSegmentationData(_break(shapes, tmp_path, _as_if_rotated))
     index = next(i for i, image_id in enumerate(data.image_ids) if data.images[image_id]["width"] != data.images[image_id]["height"])
     with pytest.raises(DataError, match="would not line up"):
         data.sample(index, np.random.default_rng(0), input_size=56, mask_size=16, mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def test_eval_refuses_an_image_whose_size_disagrees_with_its_annotations(shapes, tmp_path, segmenter):
+    from sam3studio.evaluate import collect
+
+    data = CocoSegmentationData(_break(shapes, tmp_path, _as_if_rotated))
+    with pytest.raises(DataError, match="would not line up"):
+        collect(segmenter, data, precision="fp32")
 
 
 def test_category_loss_trains_a_head_that_resumes_and_stays_out_of_the_model(shapes, tiny_checkpoint, tmp_path):

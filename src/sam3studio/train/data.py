@@ -50,16 +50,22 @@ class CocoSegmentationData:
             document = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}: not readable JSON ({exc}).") from None
+        if not isinstance(document, dict):
+            raise DataError(f"{path}: a COCO file is a JSON object with images, annotations and categories.")
         self.image_dir = self.root / images
-        self.images = {int(i["id"]): i for i in document.get("images", [])}
-        self.categories = {int(c["id"]): c for c in document.get("categories", [])}
+        self.images = _index(document.get("images", []), "image", {"file_name": str, "width": int, "height": int}, path)
+        self.categories = _index(document.get("categories", []), "category", {"name": str}, path)
         self.annotations = document.get("annotations", [])
         self.supercategory_prompts = supercategory_prompts
         self._validate(path)
         self.by_image: dict[int, list[dict]] = {i: [] for i in self.images}
+        # Every name annotated on an image, crowds included: none of them may be drawn as absent.
+        self.names_on_image: dict[int, set[str]] = {i: set() for i in self.images}
         for ann in self.annotations:
+            image_id = int(ann["image_id"])
+            self.names_on_image[image_id].update(self._names(self.categories[int(ann["category_id"])]))
             if not ann.get("iscrowd"):  # crowd regions mark "many of these", not one instance
-                self.by_image[int(ann["image_id"])].append(ann)
+                self.by_image[image_id].append(ann)
         self.image_ids = sorted(self.images)
         self.vocabulary = sorted({name for c in self.categories.values() for name in self._names(c)})
         # Supercategory names used as prompts ("star" for any colored star), as opposed to categories.
@@ -73,7 +79,11 @@ class CocoSegmentationData:
         if missing:
             raise DataError(f"{len(missing)} image files listed in {path.name} are missing from {self.image_dir}, e.g. {missing[:3]}.")
         for ann in self.annotations:
-            where = f"{path.name}: annotation {ann.get('id')}"
+            where = f"{path.name}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r}"
+            try:
+                _integer(ann["image_id"]), _integer(ann["category_id"])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{where} needs integer image_id and category_id.") from None
             if int(ann.get("category_id", -1)) not in self.categories:
                 raise DataError(f"{where} has unknown category_id {ann.get('category_id')}.")
             image = self.images.get(int(ann.get("image_id", -1)))
@@ -95,14 +105,19 @@ class CocoSegmentationData:
 
     def _image(self, index: int) -> np.ndarray:
         """The decoded image, checked against the size its annotations were drawn on."""
-        info = self.images[self.image_ids[index]]
         image = load_image(self.image_path(index))
-        if image.shape[:2] != (int(info["height"]), int(info["width"])):
+        self.check_decoded_size(index, image.shape[:2])
+        return image
+
+    def check_decoded_size(self, index: int, size: tuple[int, int]) -> None:
+        """Refuse an image that decodes (after EXIF rotation) to another size than its entry
+        says: its masks would not line up with it."""
+        info = self.images[self.image_ids[index]]
+        if tuple(size) != (info["height"], info["width"]):
             raise DataError(
-                f"{info['file_name']}: decoded as {image.shape[1]}x{image.shape[0]} (after EXIF rotation), but the annotations "
+                f"{info['file_name']}: decoded as {size[1]}x{size[0]} (after EXIF rotation), but the annotations "
                 f"say {info['width']}x{info['height']}; masks would not line up. Re-export the dataset."
             )
-        return image
 
     def ground_truth(self, index: int) -> dict[str, np.ndarray]:
         """{prompt name: (N, H, W) bool masks at full resolution} for the names present."""
@@ -133,7 +148,7 @@ class CocoSegmentationData:
         for i, ann in enumerate(anns):
             for name in self._names(self.categories[int(ann["category_id"])]):
                 groups.setdefault(name, []).append(i)
-        absent = [n for n in self.vocabulary if n not in groups]
+        absent = [n for n in self.vocabulary if n not in groups and n not in self.names_on_image[self.image_ids[index]]]
         coarse = _coarse_negatives([n for n in absent if n in self.coarse_names], min(coarse_negatives, negatives), rng)
         chosen = coarse + _negatives([n for n in absent if n not in coarse], list(groups), negatives - len(coarse), rng)
         prompts = [_target(name, masks[idx], mask_size) for name, idx in groups.items()]
@@ -203,6 +218,10 @@ def _check_inside(ann: dict, image: dict, where: str) -> None:
     if isinstance(segmentation, dict):
         if [int(v) for v in segmentation.get("size", [])] != [height, width]:
             raise DataError(f"{where}: mask size {segmentation.get('size')} is not the image's {[height, width]}.")
+        # pycocotools decodes runs that stop short with whatever memory follows, and refuses
+        # runs that overshoot only when the mask is first used: check them here, once.
+        if _rle_pixels(segmentation.get("counts")) != height * width:
+            raise DataError(f"{where}: its RLE counts do not cover the {width}x{height} image exactly; the mask is corrupt.")
     elif isinstance(segmentation, list) and segmentation:
         if any(len(p) < 6 or len(p) % 2 for p in segmentation):
             raise DataError(f"{where}: a polygon needs an even number of coordinates, at least 3 points.")
@@ -214,3 +233,55 @@ def _check_inside(ann: dict, image: dict, where: str) -> None:
     x, y, w, h = (float(v) for v in ann.get("bbox", [0, 0, 0, 0]))
     if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
         raise DataError(f"{where}: bbox {ann.get('bbox')} lies outside the {width}x{height} image.")
+
+
+def _index(entries: object, kind: str, required: dict[str, type], path: Path) -> dict[int, dict]:
+    """{id: entry} of COCO's images or categories, refusing entries without the fields used
+    later and ids given twice (a second image with the same id would take the first's masks).
+    Numbers written as strings or floats ("3", 640.0) are read as the integers they are."""
+    if not isinstance(entries, list):
+        raise DataError(f"{path.name}: '{kind}' entries must be a list.")
+    fields = {"id": int, **required}
+    table: dict[int, dict] = {}
+    for entry in entries:
+        try:
+            entry = {**entry, **{k: _integer(entry[k]) for k, t in fields.items() if t is int}}
+            if not all(isinstance(entry[k], str) and entry[k].strip() for k, t in fields.items() if t is str):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            wanted = ", ".join(f"{k} ({'text' if t is str else 'integer'})" for k, t in fields.items())
+            raise DataError(f"{path.name}: {kind} entry {entry!r:.120} needs {wanted}.") from None
+        if entry["id"] in table:
+            raise DataError(f"{path.name}: {kind} id {entry['id']} is given twice.")
+        table[entry["id"]] = entry
+    return table
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError(value)
+    return int(float(value))
+
+
+def _rle_pixels(counts: object) -> int:
+    """How many pixels an RLE's runs cover: list counts as they are, or COCO's compressed
+    string (5 bits a character, a continuation bit, a sign bit, later runs as differences)."""
+    if isinstance(counts, list):
+        return sum(int(c) for c in counts) if all(isinstance(c, int) and c >= 0 for c in counts) else -1
+    if not isinstance(counts, str):
+        return -1
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        code = ord(char) - 48
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+        value = shift = 0
+    return sum(runs) if shift == 0 and all(r >= 0 for r in runs) else -1
