@@ -134,3 +134,10 @@ def test_train_needs_data_or_a_preset(tmp_path):
     assert proc.returncode == 2 and "no annotation file" in proc.stderr
     proc = run("train", "--data", str(tmp_path), "--image-size", "150", "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert proc.returncode == 2 and "not a multiple of the model's 14-pixel patch" in proc.stderr
+
+
+def test_output_stems_differ_in_more_than_case():
+    from sam3studio.cli import _unique_stem
+
+    taken = {"coco"}
+    assert [_unique_stem(s, taken) for s in ("Cat", "cat", "CAT", "COCO")] == ["Cat", "cat_1", "CAT_2", "COCO_1"]

@@ -395,10 +395,12 @@ def _make_output_folder(out: Path) -> None:
 
 
 def _unique_stem(stem: str, taken: set[str]) -> str:
+    """`stem`, or `stem_1`, `stem_2`...: compared without case, since on macOS and Windows
+    "Cat.json" and "cat.json" are one file."""
     candidate, n = stem, 1
-    while candidate in taken:
+    while candidate.lower() in taken:
         candidate, n = f"{stem}_{n}", n + 1
-    taken.add(candidate)
+    taken.add(candidate.lower())
     return candidate
 
 
