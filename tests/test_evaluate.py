@@ -116,6 +116,19 @@ def test_collect_runs_the_model_on_a_dataset(tmp_path, segmenter):
     assert 0.0 <= report.miou <= 1.0 and report.instances == sum(len(m) for c in cases for m in c.truth.values())
 
 
+def test_an_image_with_more_names_than_one_call_takes_is_run_in_several(tmp_path, segmenter, monkeypatch):
+    from sam3studio import evaluate
+    from sam3studio.train.data import CocoSegmentationData
+    from sam3studio.train.shapes import SceneConfig, write_dataset
+
+    data = CocoSegmentationData(write_dataset(tmp_path / "d", 1, seed=5, config=SceneConfig(min_side=64, max_side=96)))
+    [whole], _ = collect(segmenter, data, precision="fp32", negatives_per_image=6)
+    monkeypatch.setattr(evaluate, "MAX_PROMPTS", 3)
+    [pieces], _ = collect(segmenter, data, precision="fp32", negatives_per_image=6)
+    assert len(pieces.raw.prompts) > 3 and pieces.raw.prompts == whole.raw.prompts
+    np.testing.assert_allclose(pieces.raw.scores, whole.raw.scores, atol=1e-5)
+
+
 def test_best_queries_keeps_the_top_scores_of_each_prompt_with_their_masks():
     rng = np.random.default_rng(0)
     scores = rng.random((2, 10)).astype(np.float32)

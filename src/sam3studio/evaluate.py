@@ -15,6 +15,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .postprocess import select, with_mask_confidence
+from .prompts import MAX_PROMPTS
 from .segmenter import Segmenter
 from .train.data import CocoSegmentationData
 from .types import Prompt, RawPrediction
@@ -55,7 +56,7 @@ def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negat
         rng = np.random.default_rng([seed, index])
         negatives = rng.choice(absent, size=min(negatives_per_image, len(absent)), replace=False).tolist() if absent else []
         # Prompt objects: names reach the model exactly as written (no comma or ":0.5" parsing).
-        raw = seg.predict(data.image_path(index), [Prompt(name) for name in [*truth, *negatives]], precision=precision)
+        raw = _predict(seg, data.image_path(index), [Prompt(name) for name in [*truth, *negatives]], precision)
         data.check_decoded_size(index, raw.image_size)
         cases.append(EvalCase(best_queries(raw, queries_to_keep(truth)), truth, negatives))
     return cases, time.perf_counter() - started
@@ -64,6 +65,16 @@ def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negat
 # Queries kept per prompt for scoring, at least (see queries_to_keep): full-size SAM3's 200
 # queries of 288x288 mask logits would take 66 MB per prompt and image to keep.
 KEPT_QUERIES = 32
+
+
+def _predict(seg: Segmenter, image, prompts: list[Prompt], precision: str) -> RawPrediction:
+    """`seg.predict`, in calls of at most MAX_PROMPTS prompts (an image of a large vocabulary
+    can have more names than one call takes); the image is encoded once all the same."""
+    parts = [seg.predict(image, prompts[i : i + MAX_PROMPTS], precision=precision) for i in range(0, len(prompts), MAX_PROMPTS)]
+    if len(parts) == 1:
+        return parts[0]
+    return replace(parts[0], prompts=[p for part in parts for p in part.prompts], scores=np.concatenate([p.scores for p in parts]),
+                   boxes=np.concatenate([p.boxes for p in parts]), mask_logits=np.concatenate([p.mask_logits for p in parts]))
 
 
 def queries_to_keep(truth: dict[str, np.ndarray]) -> int:

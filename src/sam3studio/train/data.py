@@ -68,6 +68,7 @@ class CocoSegmentationData:
                 self.by_image[image_id].append(ann)
         self.image_ids = sorted(self.images)
         self.vocabulary = sorted({name for c in self.categories.values() for name in self._names(c)})
+        _check_distinct_prompts(self.vocabulary, path)
         # Supercategory names used as prompts ("star" for any colored star), as opposed to categories.
         self.coarse_names = sorted({n for c in self.categories.values() for n in self._names(c)[1:]})
         self.category_number = {cid: n for n, cid in enumerate(sorted(self.categories), start=1)}
@@ -233,6 +234,16 @@ def _check_inside(ann: dict, image: dict, where: str) -> None:
     x, y, w, h = (float(v) for v in ann.get("bbox", [0, 0, 0, 0]))
     if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
         raise DataError(f"{where}: bbox {ann.get('bbox')} lies outside the {width}x{height} image.")
+
+
+def _check_distinct_prompts(names: list[str], path: Path) -> None:
+    """Names are the prompts, and SAM3's tokenizer lowercases: "Star" and "star" would be one
+    prompt answering for two sets of objects."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(" ".join(name.lower().split()), name)
+        if other != name:
+            raise DataError(f"{path.name}: the names {other!r} and {name!r} differ only in case or spacing; SAM3 reads them as one prompt. Merge them.")
 
 
 def _index(entries: object, kind: str, required: dict[str, type], path: Path) -> dict[int, dict]:
