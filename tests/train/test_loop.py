@@ -159,6 +159,7 @@ def test_a_coco_file_that_is_not_an_object_fails_clearly(tmp_path):
 def test_numbers_written_as_strings_or_floats_are_read(shapes, tmp_path):
     def loosen(document, folder):
         document["images"][0].update(id=str(document["images"][0]["id"]), width=float(document["images"][0]["width"]))
+        document["annotations"][0].update(image_id=f"{document['annotations'][0]['image_id']}.0")
 
     data = CocoSegmentationData(_break(shapes, tmp_path, loosen))
     assert all(isinstance(info["width"], int) and isinstance(image_id, int) for image_id, info in data.images.items())

@@ -82,7 +82,7 @@ class CocoSegmentationData:
         for ann in self.annotations:
             where = f"{path.name}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r}"
             try:
-                _integer(ann["image_id"]), _integer(ann["category_id"])
+                ann["image_id"], ann["category_id"] = _integer(ann["image_id"]), _integer(ann["category_id"])
             except (KeyError, TypeError, ValueError):
                 raise DataError(f"{where} needs integer image_id and category_id.") from None
             if int(ann.get("category_id", -1)) not in self.categories:
