@@ -285,12 +285,12 @@ def evaluate_model(
         raise CliError(f"--limit must be 1 or more; got {limit}.")
     dataset = CocoSegmentationData(data)
     # int8 quantizes the weights when the model loads; every other mode runs on fp32 weights.
-    segmenters = {kind: load_segmenter(model, precision=kind, force_precision=force_precision)
-                  for kind in dict.fromkeys("int8" if m is Precision.INT8 else "fp32" for m in modes)}
+    load_as = {mode: "int8" if mode is Precision.INT8 else "fp32" for mode in modes}
+    segmenters = {kind: load_segmenter(model, precision=kind, force_precision=force_precision) for kind in dict.fromkeys(load_as.values())}
     cut = next(iter(segmenters.values())).default_threshold if threshold is None else threshold
     reports = []
     for mode in modes:
-        seg = segmenters["int8" if mode is Precision.INT8 else "fp32"]
+        seg = segmenters[load_as[mode]]
         cases, seconds = collect(seg, dataset, precision=mode.value, limit=limit)
         report = score(cases, cut, label=f"{mode.value} (ran {cases[0].raw.precision_used})" if cases else mode.value)
         report.seconds = seconds

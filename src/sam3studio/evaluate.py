@@ -52,7 +52,7 @@ def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negat
     started = time.perf_counter()
     for index in range(len(data) if limit is None else min(len(data), limit)):
         truth = data.ground_truth(index)
-        absent = [n for n in data.vocabulary if n not in truth and n not in data.names_on_image[data.image_ids[index]]]
+        absent = data.absent_names(index)
         rng = np.random.default_rng([seed, index])
         negatives = rng.choice(absent, size=min(negatives_per_image, len(absent)), replace=False).tolist() if absent else []
         # Prompt objects: names reach the model exactly as written (no comma or ":0.5" parsing).

@@ -60,10 +60,10 @@ class CocoSegmentationData:
         self._validate(path)
         self.by_image: dict[int, list[dict]] = {i: [] for i in self.images}
         # Every name annotated on an image, crowds included: none of them may be drawn as absent.
-        self.names_on_image: dict[int, set[str]] = {i: set() for i in self.images}
+        self._names_on_image: dict[int, set[str]] = {i: set() for i in self.images}
         for ann in self.annotations:
             image_id = int(ann["image_id"])
-            self.names_on_image[image_id].update(self._names(self.categories[int(ann["category_id"])]))
+            self._names_on_image[image_id].update(self._names(self.categories[int(ann["category_id"])]))
             if not ann.get("iscrowd"):  # crowd regions mark "many of these", not one instance
                 self.by_image[image_id].append(ann)
         self.image_ids = sorted(self.images)
@@ -97,6 +97,12 @@ class CocoSegmentationData:
         if self.supercategory_prompts and category.get("supercategory") and category["supercategory"] != category["name"]:
             names.append(category["supercategory"])
         return names
+
+    def absent_names(self, index: int) -> list[str]:
+        """The vocabulary's names annotated nowhere on the image at `index`, crowds and empty
+        masks included: the only names that may be asked of it as negative prompts."""
+        annotated = self._names_on_image[self.image_ids[index]]
+        return [n for n in self.vocabulary if n not in annotated]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -149,7 +155,7 @@ class CocoSegmentationData:
         for i, ann in enumerate(anns):
             for name in self._names(self.categories[int(ann["category_id"])]):
                 groups.setdefault(name, []).append(i)
-        absent = [n for n in self.vocabulary if n not in groups and n not in self.names_on_image[self.image_ids[index]]]
+        absent = self.absent_names(index)
         coarse = _coarse_negatives([n for n in absent if n in self.coarse_names], min(coarse_negatives, negatives), rng)
         chosen = coarse + _negatives([n for n in absent if n not in coarse], list(groups), negatives - len(coarse), rng)
         prompts = [_target(name, masks[idx], mask_size) for name, idx in groups.items()]
@@ -278,7 +284,7 @@ def _rle_pixels(counts: object) -> int:
     """How many pixels an RLE's runs cover: list counts as they are, or COCO's compressed
     string (5 bits a character, a continuation bit, a sign bit, later runs as differences)."""
     if isinstance(counts, list):
-        return sum(int(c) for c in counts) if all(isinstance(c, int) and c >= 0 for c in counts) else -1
+        return sum(counts) if all(isinstance(c, int) and c >= 0 for c in counts) else -1
     if not isinstance(counts, str):
         return -1
     runs: list[int] = []
