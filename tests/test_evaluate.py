@@ -147,3 +147,37 @@ def test_crowded_images_keep_enough_queries_to_find_every_object():
     assert queries_to_keep({"a": np.zeros((3, 4, 4), bool)}) == 32
     assert queries_to_keep({"a": np.zeros((3, 4, 4), bool), "person": np.zeros((40, 4, 4), bool)}) == 80
     assert queries_to_keep({}) == 32
+
+
+def test_answers_inside_a_crowd_region_are_neither_right_nor_wrong():
+    # Prompt "a": one object at the top left, and a crowd of "a" annotated as one region at the
+    # bottom right. Answers: the object (0.9), a mask inside the crowd (0.8), a mask on the
+    # background (0.7). Only the background one is a false positive, as in COCO's evaluator.
+    scores = np.array([[0.9, 0.8, 0.7]], np.float32)
+    masks = np.stack([[_logits((0, 0, 6, 6)), _logits((12, 12, 17, 17)), _logits((0, 14, 5, 19))]])
+    raw = RawPrediction((20, 20), [Prompt("a")], scores, np.zeros((1, 3, 4), np.float32), masks, "t", "fp32", "fp32")
+    truth = {"a": _mask((0, 0, 6, 6))[None]}
+    plain = score([EvalCase(raw, truth, [])], 0.5)
+    crowded = score([EvalCase(raw, truth, [], {"a": _mask((10, 10, 20, 20))})], 0.5)
+    assert plain.precision_at_50 == pytest.approx(1 / 3) and crowded.precision_at_50 == pytest.approx(1 / 2)
+    assert crowded.recall_at_50 == plain.recall_at_50 == 1.0 and crowded.miou == plain.miou == 1.0
+    # An object inside the crowd region is still matched by its answer, not ignored.
+    inside = {"a": np.stack([_mask((0, 0, 6, 6)), _mask((12, 12, 17, 17))])}
+    assert score([EvalCase(raw, inside, [], {"a": _mask((10, 10, 20, 20))})], 0.5).recall_at_50 == 1.0
+
+
+def test_collect_reads_crowd_regions_from_the_dataset(tmp_path, segmenter):
+    import json
+
+    from sam3studio.train.data import CocoSegmentationData
+    from sam3studio.train.shapes import SceneConfig, write_dataset
+
+    folder = write_dataset(tmp_path / "d", 1, seed=5, config=SceneConfig(min_side=64, max_side=96))
+    document = json.loads((folder / "annotations.json").read_text())
+    document["annotations"][0]["iscrowd"] = 1
+    (folder / "annotations.json").write_text(json.dumps(document))
+    data = CocoSegmentationData(folder)
+    name = data.categories[document["annotations"][0]["category_id"]]["name"]
+    [case], _ = collect(segmenter, data, precision="fp32")
+    assert set(case.crowds) >= {name} and case.crowds[name].shape == (document["images"][0]["height"], document["images"][0]["width"])
+    assert case.crowds[name].any() and name not in case.negatives

@@ -9,7 +9,7 @@ any threshold can be scored, and a model's default threshold calibrated, without
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -26,6 +26,7 @@ class EvalCase:
     raw: RawPrediction
     truth: dict[str, np.ndarray]  # prompt name -> (N, H, W) masks
     negatives: list[str]
+    crowds: dict[str, np.ndarray] = field(default_factory=dict)  # prompt name -> (H, W) crowd region
 
 
 @dataclass
@@ -58,7 +59,7 @@ def collect(seg: Segmenter, data: CocoSegmentationData, *, precision: str, negat
         # Prompt objects: names reach the model exactly as written (no comma or ":0.5" parsing).
         raw = _predict(seg, data.image_path(index), [Prompt(name) for name in [*truth, *negatives]], precision)
         data.check_decoded_size(index, raw.image_size)
-        cases.append(EvalCase(best_queries(raw, queries_to_keep(truth)), truth, negatives))
+        cases.append(EvalCase(best_queries(raw, queries_to_keep(truth)), truth, negatives, data.crowd_regions(index)))
     return cases, time.perf_counter() - started
 
 
@@ -132,6 +133,9 @@ def _case_answers(case: EvalCase, refine: int) -> dict[str, PromptAnswers]:
         if truth is None and prompt.label not in case.negatives:
             continue
         ious = None if truth is None else _iou_matrix(truth, [i.mask for i in kept])
+        crowd = case.crowds.get(prompt.label)
+        if crowd is not None and ious is not None:
+            kept, ious = _without_crowd_answers(kept, ious, crowd)
         table[prompt.label] = PromptAnswers(np.array([i.score for i in kept], np.float32), ious, prompt.threshold)
     return table
 
@@ -220,6 +224,15 @@ def _best_threshold(cases: list[dict[str, PromptAnswers]], candidates: np.ndarra
 
 def _ranks_higher(rank: tuple[bool, float], than: tuple[bool, float]) -> bool:
     return rank[0] > than[0] or (rank[0] == than[0] and rank[1] > than[1] + 1e-9)
+
+
+def _without_crowd_answers(kept: list, ious: np.ndarray, crowd: np.ndarray) -> tuple[list, np.ndarray]:
+    """The answers less those COCO's evaluator ignores: at least half inside a crowd region of
+    the prompt's name ("a crowd of people" annotated as one region) and matching none of its
+    single objects at IoU 0.5. Such an answer may well be right, and nothing can say so."""
+    inside = [i.mask[crowd].sum() >= 0.5 * max(i.mask.sum(), 1) for i in kept]
+    keep = [k for k in range(len(kept)) if not inside[k] or (ious.shape[0] and ious[:, k].max() >= 0.5)]
+    return [kept[k] for k in keep], ious[:, keep]
 
 
 def _iou_matrix(truth: np.ndarray, found: list[np.ndarray]) -> np.ndarray:

@@ -59,13 +59,15 @@ class CocoSegmentationData:
         self.supercategory_prompts = supercategory_prompts
         self._validate(path)
         self.by_image: dict[int, list[dict]] = {i: [] for i in self.images}
+        self._crowds_by_image: dict[int, list[dict]] = {i: [] for i in self.images}
         # Every name annotated on an image, crowds included: none of them may be drawn as absent.
         self._names_on_image: dict[int, set[str]] = {i: set() for i in self.images}
         for ann in self.annotations:
             image_id = int(ann["image_id"])
             self._names_on_image[image_id].update(self._names(self.categories[int(ann["category_id"])]))
-            if not ann.get("iscrowd"):  # crowd regions mark "many of these", not one instance
-                self.by_image[image_id].append(ann)
+            # Crowd regions mark "many of these", not one instance: no training target, and in eval
+            # an answer inside one is neither right nor wrong (crowd_regions).
+            (self._crowds_by_image if ann.get("iscrowd") else self.by_image)[image_id].append(ann)
         self.image_ids = sorted(self.images)
         self.vocabulary = sorted({name for c in self.categories.values() for name in self._names(c)})
         _check_distinct_prompts(self.vocabulary, path)
@@ -137,6 +139,16 @@ class CocoSegmentationData:
             for name in self._names(self.categories[int(ann["category_id"])]):
                 groups.setdefault(name, []).append(mask)
         return {name: np.stack(masks) for name, masks in groups.items()}
+
+    def crowd_regions(self, index: int) -> dict[str, np.ndarray]:
+        """{prompt name: (H, W) bool union of its crowd regions} for the names with any."""
+        info = self.images[self.image_ids[index]]
+        regions: dict[str, np.ndarray] = {}
+        for ann in self._crowds_by_image[self.image_ids[index]]:
+            mask = _decode(ann, info["height"], info["width"])
+            for name in self._names(self.categories[int(ann["category_id"])]):
+                regions[name] = regions[name] | mask if name in regions else mask
+        return regions
 
     def sample(self, index: int, rng: np.random.Generator, *, input_size: int, mask_size: int, mean, std, negatives: int = 2,
                coarse_negatives: int = 0, flip: bool = True) -> TrainingSample:
