@@ -143,6 +143,8 @@ def _break(shapes, tmp_path, change) -> str:
         (lambda d, f: d["categories"][0].update(name=""), "needs id .integer., name .text."),
         (lambda d, f: d["annotations"][0].update(category_id=None), "needs integer image_id and category_id"),
         (lambda d, f: d["categories"].append(d["categories"][0] | {"id": 99, "name": d["categories"][0]["name"].title()}), "differ only in case"),
+        (lambda d, f: d["categories"][0].update(name="x" * 501), "is 501 characters long; names are the prompts"),
+        (lambda d, f: d["categories"][0].update(supercategory=" \t"), "is blank"),
     ],
 )
 def test_bad_datasets_fail_clearly(shapes, tmp_path, change, message):

@@ -14,6 +14,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from ..images import load_image
+from ..prompts import MAX_PROMPT_CHARS
 
 
 class DataError(ValueError):
@@ -70,7 +71,7 @@ class CocoSegmentationData:
             (self._crowds_by_image if ann.get("iscrowd") else self.by_image)[image_id].append(ann)
         self.image_ids = sorted(self.images)
         self.vocabulary = sorted({name for c in self.categories.values() for name in self._names(c)})
-        _check_distinct_prompts(self.vocabulary, path)
+        _check_names_as_prompts(self.vocabulary, path)
         # Supercategory names used as prompts ("star" for any colored star), as opposed to categories.
         self.coarse_names = sorted({n for c in self.categories.values() for n in self._names(c)[1:]})
         self.category_number = {cid: n for n, cid in enumerate(sorted(self.categories), start=1)}
@@ -254,11 +255,15 @@ def _check_inside(ann: dict, image: dict, where: str) -> None:
         raise DataError(f"{where}: bbox {ann.get('bbox')} lies outside the {width}x{height} image.")
 
 
-def _check_distinct_prompts(names: list[str], path: Path) -> None:
-    """Names are the prompts, and SAM3's tokenizer lowercases: "Star" and "star" would be one
-    prompt answering for two sets of objects."""
+def _check_names_as_prompts(names: list[str], path: Path) -> None:
+    """Names are the prompts, so each must be one the segmenter takes (refused here, not when
+    an eval or training run reaches the first image that has it), and SAM3's tokenizer
+    lowercases: "Star" and "star" would be one prompt answering for two sets of objects."""
     seen: dict[str, str] = {}
     for name in names:
+        if not name.strip() or len(name) > MAX_PROMPT_CHARS:
+            raise DataError(f"{path.name}: the category name {name[:40]!r} is {'blank' if not name.strip() else f'{len(name)} characters long'}; "
+                            f"names are the prompts, of 1 to {MAX_PROMPT_CHARS} characters.")
         other = seen.setdefault(" ".join(name.lower().split()), name)
         if other != name:
             raise DataError(f"{path.name}: the names {other!r} and {name!r} differ only in case or spacing; SAM3 reads them as one prompt. Merge them.")
