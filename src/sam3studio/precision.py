@@ -241,6 +241,9 @@ FP32_MODULE_NAMES = (
     "detr_decoder.ref_point_head",
     "detr_decoder.box_rpb_embed_x",
     "detr_decoder.box_rpb_embed_y",
+    # The scores. Upstream clamps them to +-12 (presence to +-10), which would turn an inf into a
+    # sure answer the fp32 fallback never sees; computed in fp32 from fp16-range inputs they
+    # cannot overflow, and an inf from an earlier layer reaches them through a LayerNorm, as NaN.
     "dot_product_scoring",
     # Box exemplars: torchvision's roi_align has no bf16 kernel on CPU, and box coordinates
     # are exactly the kind of value this list exists for.
