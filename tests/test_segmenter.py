@@ -95,10 +95,18 @@ def test_half_weights_keep_sensitive_modules_fp32(tiny_checkpoint, segmenter, sc
     assert seg.model.vision_encoder.backbone.layers[0].mlp.fc1.weight.dtype is torch.bfloat16
 
 
-def test_non_finite_half_precision_falls_back_to_fp32(tiny_checkpoint, scene):
+@pytest.mark.parametrize(
+    "overflowing",
+    [
+        "vision_encoder.backbone.embeddings.patch_embeddings.projection",
+        # The scores' own clamp (+-12) must not turn an overflow in the detector into sure answers.
+        "detr_decoder.layers.1.mlp.fc2",
+    ],
+)
+def test_non_finite_half_precision_falls_back_to_fp32(tiny_checkpoint, scene, overflowing):
     seg = load_segmenter(str(tiny_checkpoint), precision="fp16", force_precision=True, device="cpu")
     with torch.no_grad():  # activations past fp16's 65504 overflow; fp32 and LayerNorm cope
-        seg.model.vision_encoder.backbone.embeddings.patch_embeddings.projection.weight.mul_(1e5)
+        seg.model.get_submodule(overflowing).weight.mul_(1e5)
     with pytest.warns(Sam3Warning, match="non-finite"):
         result = seg.segment(scene, "red square", threshold=0.0)
     assert result.fallback_fp32 and result.precision_used == "fp32" and result.precision_requested == "fp16"
