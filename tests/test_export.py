@@ -1,10 +1,11 @@
 import json
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from sam3studio.export import MAX_STEM_CHARS, CocoDatasetWriter, OutputPathError, decode_rle, encode_rle, mask_polygons, result_document, safe_path, safe_stem, write_result
+from sam3studio.export import MAX_STEM_CHARS, CocoDatasetWriter, OutputPathError, decode_rle, encode_rle, has_holes, mask_polygons, result_document, safe_path, safe_stem, write_result
 from sam3studio.types import Instance, Result
 
 
@@ -35,11 +36,24 @@ def test_document_schema():
     assert np.array_equal(decode_rle(inst["segmentation"]), _result().instances[0].mask)
 
 
-def test_polygons_trace_the_outline():
-    polygons = mask_polygons(_result().instances[0].mask)
-    assert len(polygons) == 1
-    xs, ys = polygons[0][0::2], polygons[0][1::2]
-    assert (min(xs), min(ys), max(xs), max(ys)) == (10, 5, 24, 19)
+def _decoded_polygons(mask):
+    from pycocotools import mask as coco_mask
+
+    return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(mask_polygons(mask), *mask.shape))).astype(bool)
+
+
+def test_polygons_decode_back_to_the_mask_unless_it_has_holes():
+    square, line, pixel = np.zeros((3, 30, 40), bool)
+    square[5:8, 10:13] = True  # came back 2x2 when the outline ran through the pixels' centres
+    line[12, 3:30] = True  # one pixel wide: had no polygon at all
+    pixel[29, 39] = True
+    corners = np.eye(20, 40, dtype=bool)  # pixels touching at corners only
+    blobs = cv2.ellipse(cv2.circle(np.zeros((30, 40), np.uint8), (8, 20), 6, 1, -1), ((28, 12), (20, 7), 35), 1, -1).astype(bool)
+    for mask in (square, line, pixel, corners, blobs, np.ones((30, 40), bool)):
+        assert not has_holes(mask) and np.array_equal(_decoded_polygons(mask), mask)
+    holed = _result().instances[0].mask
+    assert has_holes(holed) and np.array_equal(_decoded_polygons(holed), _decoded_polygons(holed) | holed)
+    assert _decoded_polygons(holed).sum() == holed.sum() + 4, "a polygon cannot cut out the hole"
 
 
 def test_write_all_formats(tmp_path):
@@ -67,13 +81,20 @@ def test_coco_dataset(tmp_path):
     assert [i["file_name"] for i in doc["images"]] == ["a.jpg", "b.jpg"]
     assert doc["categories"] == [{"id": 1, "name": "red car", "supercategory": "object"}]
     ann = doc["annotations"][1]
-    assert ann["image_id"] == 2 and ann["bbox"] == [10.0, 5.0, 15.0, 15.0] and ann["iscrowd"] == 0
+    assert ann["image_id"] == 2 and ann["bbox"] == [10.0, 5.0, 15.0, 15.0]
+    assert ann["iscrowd"] == 1 and isinstance(ann["segmentation"], dict), "a mask with a hole goes as RLE"
+    solid = _result()
+    solid.instances[0].mask[8:10, 12:14] = True
+    writer.add(solid, "c.jpg")
+    doc = json.loads(writer.write(tmp_path).read_text())
+    assert doc["annotations"][2]["iscrowd"] == 0 and isinstance(doc["annotations"][2]["segmentation"], list)
     from pycocotools.coco import COCO
 
     coco = COCO()
     coco.dataset = doc
     coco.createIndex()
-    assert coco.annToMask(coco.anns[1]).sum() > 150
+    assert np.array_equal(coco.annToMask(coco.anns[1]), _result().instances[0].mask)
+    assert np.array_equal(coco.annToMask(coco.anns[3]), solid.instances[0].mask)
 
 
 def test_paths_never_leave_the_output_folder(tmp_path):
