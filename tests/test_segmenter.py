@@ -261,3 +261,13 @@ def test_many_prompts_run_in_passes_within_the_memory_budget_with_the_same_answe
     assert split.counters["forward_passes"] == len(prompts)
     np.testing.assert_allclose(got.scores, expected.scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.mask_logits, expected.mask_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_clear_caches_makes_the_next_call_encode_everything_again(fresh_segmenter, scene):
+    seg = fresh_segmenter
+    seg.predict(scene, "red square")
+    seg.predict(scene, "red square")
+    assert (seg.counters["image_encodings"], seg.counters["text_encodings"], seg.counters["forward_passes"]) == (1, 1, 1)
+    seg.clear_caches()
+    seg.predict(scene, "red square")
+    assert (seg.counters["image_encodings"], seg.counters["text_encodings"], seg.counters["forward_passes"]) == (2, 2, 2)

@@ -84,6 +84,10 @@ class LruCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
 
 @dataclass(frozen=True)
 class HashedImage:
@@ -250,6 +254,13 @@ class Segmenter:
             raw.timings_ms |= {"decode_image": decode_ms, "total": (time.perf_counter() - started) * 1000}
             self._predictions.put(key, raw)
             return raw
+
+    def clear_caches(self) -> None:
+        """Forget every cached image encoding, text embedding and raw output: frees their memory,
+        and makes the next call pay for everything, as a benchmark of new inputs needs."""
+        with self._lock:
+            for cache in (self._images, self._texts, self._predictions):
+                cache.clear()
 
     def encode_image(self, image: ImageInput, precision: str | Precision | None = None) -> EncodedImage:
         """Vision features of an image, computed once per (content, precision, input size)."""

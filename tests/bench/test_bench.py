@@ -44,6 +44,23 @@ def test_report_gives_ratios_to_the_baseline(bench_results):
     assert (out / "chart.png").stat().st_size > 1000
 
 
+def test_the_baseline_reuses_vision_features_for_more_prompts_as_documented(bench_results):
+    results, out = bench_results
+    base = results["runs"]["transformers"]["timings_ms"]
+    assert set(base) >= {"encode_image", "one_more_prompt", "new_image_n_prompts"}
+    assert base["new_image_n_prompts"][0] > base["encode_image"][0]
+    rows = {row["mode"]: row for row in json.loads((out / "results.json").read_text())["summary"]}
+    assert "encode_image_ratio" in rows["fp32"]
+
+
+def test_masks_left_by_an_earlier_run_are_not_compared(tiny_checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    stale = np.packbits(rng.random((1, 8, 16, 16)) > 0.5, axis=-1)
+    np.savez(tmp_path / "masks-fp32.npz", image1_masks=stale, image2_masks=stale, image1_scores=rng.random((1, 8)))
+    config = BenchConfig(out=str(tmp_path), model=str(tiny_checkpoint), precisions=("int8",), size=96, images=1, prompts=1, baseline=False)
+    assert run_bench(config, on_progress=lambda _: None)["mask_agreement"] == {}
+
+
 def test_int8_masks_mostly_agree_with_fp32(bench_results):
     results, _ = bench_results
     assert 0.5 < results["mask_agreement"]["int8"] <= 1.0

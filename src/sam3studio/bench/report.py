@@ -10,7 +10,7 @@ import numpy as np
 
 from .worker import BASELINE
 
-# (stage key in the results, column title); the baseline has no separate encoding stage.
+# (stage key in the results, column title).
 STAGES = (
     ("new_image_1_prompt", "new image + 1 prompt"),
     ("encode_image", "image encoding"),
@@ -41,6 +41,8 @@ def summary(results: dict) -> list[dict]:
                     row[stage + "_ratio"] = row[stage] / median_p90(base["timings_ms"][stage])[0]
         if base:
             row["peak_rss_ratio"] = run["peak_rss_mb"] / base["peak_rss_mb"]
+            if run["cuda_peak_mb"] and base["cuda_peak_mb"]:
+                row["cuda_peak_ratio"] = run["cuda_peak_mb"] / base["cuda_peak_mb"]
         rows.append(row)
     return rows
 
@@ -49,6 +51,7 @@ def markdown(results: dict) -> str:
     config, machine = results["config"], results["machine"]
     n = config["prompts"]
     titles = [title.format(n=n) for _, title in STAGES]
+    cuda = config["device"].startswith("cuda")  # then the GPU's peak is the memory that matters
     lines = [
         f"Model `{config['model']}`, {config['images']} images of {config['size']}x{config['size']} px (after one warm-up), "
         f"{n} prompts; device {config['device']}.",
@@ -58,13 +61,15 @@ def markdown(results: dict) -> str:
         "",
         "Times are medians (p90 in brackets) in milliseconds; ×N is the ratio to plain transformers fp32.",
         "",
-        "| mode | runs as | " + " | ".join(titles) + " | peak RSS MB | load s | mIoU | mask agreement |",
-        "|---" * (len(titles) + 6) + "|",
+        "| mode | runs as | " + " | ".join(titles) + (" | CUDA peak MB" if cuda else "") + " | peak RSS MB | load s | mIoU | mask agreement |",
+        "|---" * (len(titles) + 6 + cuda) + "|",
     ]
     for row in summary(results):
         cells = [row["mode"], row["used"]]
         for stage, _ in STAGES:
             cells.append(_cell(row, stage))
+        if cuda:
+            cells.append(_number(row["cuda_peak_mb"], "{:.0f}") + (f" (×{row['cuda_peak_ratio']:.2f})" if "cuda_peak_ratio" in row else ""))
         rss = f"{row['peak_rss_mb']:.0f}" + (f" (×{row['peak_rss_ratio']:.2f})" if "peak_rss_ratio" in row else "")
         cells += [rss, f"{row['load_s']:.1f}", _number(row["miou"]), _number(row["agreement"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -82,8 +87,8 @@ def _ms(value: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
-def _number(value) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def _number(value, form: str = "{:.3f}") -> str:
+    return "–" if value is None else form.format(value)
 
 
 def chart(results: dict, path: Path) -> None:

@@ -48,6 +48,8 @@ def run_bench(config: BenchConfig, on_progress=print) -> dict:
     _check(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("masks-*.npz"):  # an earlier run's masks would be compared as this run's
+        stale.unlink()
     model = _model_folder(config, out, on_progress)
     images = _test_images(out / "images", config.size, config.images + 1)
     prompts = list(PROMPTS[: config.prompts])
