@@ -66,6 +66,35 @@ def test_16_bit_is_scaled_not_clipped():
     assert load_image(values)[0, :, 0].tolist() == [0, 128, 255]
 
 
+@pytest.mark.parametrize("mode, marked", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_colour_marked_transparent_is_composited_over_white(mode, marked):
+    image = Image.new(mode, (8, 8), marked)
+    image.putpixel((1, 1), 90 if mode == "L" else (90, 90, 90))
+    decoded = load_image(encode(image, "PNG", transparency=marked))
+    assert tuple(decoded[0, 0]) == (255, 255, 255) and tuple(decoded[1, 1]) == (90, 90, 90)
+
+
+def test_16_bit_big_endian_and_32_bit_integer_tiffs():
+    big_endian = Image.frombytes("I;16B", (3, 1), np.array([0, 32768, 65535], ">u2").tobytes())
+    assert load_image(encode(big_endian, "TIFF"))[0, :, 0].tolist() == [0, 128, 255]
+    eight_bit_values = np.array([[0, 128, 255]], np.int32)  # int32 TIFFs often hold 8-bit data: not to be read as 16-bit
+    assert load_image(encode(Image.fromarray(eight_bit_values), "TIFF"))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_a_crafted_tiff_is_an_image_error_not_a_crash():
+    import struct
+
+    data = bytearray(encode(Image.new("RGB", (8, 8)), "TIFF"))
+    directory = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(struct.unpack_from("<H", data, directory)[0]):
+        offset = directory + 2 + 12 * entry
+        tag, _, count = struct.unpack_from("<HHI", data, offset)
+        if tag == 273:  # StripOffsets written as a FLOAT: Pillow raises TypeError
+            struct.pack_into("<HHIf", data, offset, tag, 11, count, 8.5)
+    with pytest.raises(ImageError, match="damaged"):
+        load_image(bytes(data))
+
+
 def test_animated_gif_gives_first_frame():
     frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])

@@ -71,10 +71,12 @@ def _decode_translating_errors(decode: Callable[[], np.ndarray], name: str) -> n
         raise ImageTooLarge(f"{name}: too many pixels to decode safely ({exc}).") from None
     except UnidentifiedImageError:
         raise UnsupportedImage(f"{name}: not an image, or a format other than {', '.join(ALLOWED_FORMATS)}.") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageError):
-            raise
-        raise ImageError(f"{name}: the file is damaged or truncated and cannot be decoded ({exc}).") from None
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageTooLarge(f"{name}: not enough memory to decode it.") from None
+    except Exception as exc:  # noqa: BLE001 - crafted files reach Pillow's TypeError, IndexError, struct.error...
+        raise ImageError(f"{name}: the file is damaged or truncated and cannot be decoded ({type(exc).__name__}: {exc}).") from None
 
 
 def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
@@ -96,12 +98,16 @@ def _decoded_to_rgb(image: Image.Image, name: str, max_pixels: int) -> np.ndarra
 
 def _to_rgb_compatible(image: Image.Image) -> np.ndarray | Image.Image:
     """Bring every mode to something `_array_to_rgb` takes, without clipping 16-bit data."""
-    if image.mode.startswith("I"):  # 16-bit ("I;16*") or 32-bit int holding 16-bit data ("I")
-        return np.asarray(image).astype(np.float32) / 65535.0
+    if image.mode.startswith("I;16"):  # 16-bit, either byte order: scaled by 65535, so a dark image stays dark
+        return np.asarray(image).astype(np.uint16)
+    if image.mode == "I":  # 32-bit integers, whose range is the data's: 8-bit values (0-255) are common in TIFFs
+        return np.asarray(image)
     if image.mode == "F":
         return np.asarray(image)
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):  # a colour marked transparent (PNG tRNS)
+        image = image.convert("RGBA")
     if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = image.convert("RGB")
     if image.mode in ("LA", "PA", "La"):
         image = image.convert("RGBA")
     if image.mode not in ("RGB", "RGBA", "L"):
