@@ -99,9 +99,10 @@ def segment(
                 if coco is not None:
                     coco.add(result, file.name)
                 _report(result, file, quiet=len(files) > 1)
-            except (ValueError, OSError, RuntimeError, MemoryError) as exc:  # one bad image never stops the run
-                failures.append(f"{file}: {exc}")
-                console.print(f"[red]skipped[/red] {exc}")
+            except Exception as exc:  # noqa: BLE001 - one bad image never stops the run; its error is reported
+                message = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+                failures.append(f"{file}: {message}")
+                console.print(f"[red]skipped[/red] {message}")
             progress.advance(task)
     if coco is not None:
         coco.write(out)
