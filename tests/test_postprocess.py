@@ -87,6 +87,29 @@ def test_refinement_levels():
     assert solid[50, 50] and not solid[50, 92], "level 3 keeps only the largest piece"
 
 
+def test_refinement_on_the_window_matches_the_whole_image_even_at_its_edges():
+    import math
+
+    import cv2
+
+    from sam3studio.postprocess import _MIN_SPECK_PX, _refine_window
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        height, width = (int(v) for v in rng.integers(20, 160, 2))
+        mask = np.zeros((height, width), np.uint8)
+        for _ in range(3):  # disks, some cut by the image's edges
+            cv2.circle(mask, (int(rng.integers(-20, width + 20)), int(rng.integers(-20, height + 20))), int(rng.integers(2, 40)), 1, -1)
+        mask = mask.astype(bool) ^ (rng.random((height, width)) < 0.03)
+        radius = max(1, round(0.004 * math.hypot(height, width)))
+        for level in (1, 2, 3):
+            whole = _refine_window(mask, level, radius, smallest=max(_MIN_SPECK_PX, int(0.01 * mask.sum())))
+            assert np.array_equal(refine_mask(mask, level), whole)
+    corner = np.zeros((500, 500), bool)
+    corner[300:, :200] = True
+    assert refine_mask(corner, 2)[499, 0], "a mask at the image's corner keeps it"
+
+
 def test_refinement_never_erases_a_small_object():
     mask = np.zeros((200, 200), dtype=bool)
     mask[100:102, 100:102] = True
