@@ -168,3 +168,29 @@ def test_fewer_masks_are_upsampled_at_once_on_huge_images():
     assert upsample_chunk((480, 640)) == 16
     assert upsample_chunk((4000, 10000)) == 5, "40 MP, the server's limit: 5 x 160 MB of float32"
     assert upsample_chunk((20000, 20000)) == 1
+
+
+def test_kept_masks_own_their_memory_and_empty_ones_are_never_upsampled(monkeypatch):
+    from sam3studio import postprocess
+
+    logits = np.full((1, 6, 10, 15), -5.0, np.float32)
+    for query in range(3):
+        logits[0, query, 1 + 3 * query : 3 + 3 * query, 2:6] = 5.0  # three separate objects; three empty masks
+    upsampled = []
+    real = postprocess.upsample_masks
+    monkeypatch.setattr(postprocess, "upsample_masks", lambda small, size: upsampled.append(len(small)) or real(small, size))
+    result = select(_raw([[0.9, 0.8, 0.7, 0.6, 0.6, 0.6]], logits), threshold=0.0)
+    assert len(result.instances) == 3 and sum(upsampled) == 3
+    assert all(inst.mask.base is None for inst in result.instances), "a view keeps its whole upsampled chunk alive"
+
+
+def test_a_result_too_large_to_hold_is_refused_before_upsampling(monkeypatch):
+    from sam3studio import postprocess
+
+    logits = np.full((2, 4, 10, 15), -5.0, np.float32)
+    for query in range(4):
+        logits[:, query, 2 * query : 2 * query + 2, :] = 5.0
+    raw = _raw(np.full((2, 4), 0.9), logits, prompts=("a", "b"), size=(4000, 6000))
+    monkeypatch.setattr(postprocess, "MAX_RESULT_MASK_BYTES", 7 * 4000 * 6000)
+    with pytest.raises(OptionError, match="8 masks pass this threshold.*Raise the threshold"):
+        select(raw, threshold=0.5)

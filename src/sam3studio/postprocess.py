@@ -39,6 +39,7 @@ REFINE_LEVELS = {0: "raw", 1: "clean", 2: "smooth", 3: "solid"}
 _MIN_SPECK_PX = 16
 _UPSAMPLE_BUDGET_BYTES = 800_000_000  # float32 masks upsampled at once: 16 at 12 MP, 5 at 40 MP
 _UPSAMPLE_MOST = 16
+MAX_RESULT_MASK_BYTES = 2_000_000_000  # all of one result's full-size masks; see _check_result_size
 SAME_OBJECT_IOU = 0.5
 SAME_OBJECT_COVER = 0.6  # share of the smaller mask inside the larger
 
@@ -83,19 +84,24 @@ def select(
     instances: list[Instance] = []
     logit_cut = math.log(mask_threshold / (1 - mask_threshold))
     chunk_size = upsample_chunk(raw.image_size)
+    chosen = []
     for index, prompt in enumerate(raw.prompts):
         cut = threshold if prompt.threshold is None else prompt.threshold
         kept = np.flatnonzero(raw.scores[index] >= cut)
         kept = kept[np.argsort(-raw.scores[index][kept], kind="stable")]
-        kept = kept[one_per_object(raw.mask_logits[index][kept] > logit_cut)]
-        if kept.size == 0:
-            continue
+        small = raw.mask_logits[index][kept] > logit_cut
+        # Bilinear upsampling never exceeds the largest low-resolution logit: a mask empty here is empty at full size.
+        nonempty = small.any((-2, -1))
+        chosen.append((index, prompt, kept[nonempty][one_per_object(small[nonempty])]))
+    _check_result_size(sum(kept.size for _, _, kept in chosen), raw.image_size)
+    for index, prompt, kept in chosen:
         for start in range(0, kept.size, chunk_size):  # bounded memory at any threshold and image size
             chunk = kept[start : start + chunk_size]
             masks = upsample_masks(raw.mask_logits[index][chunk], raw.image_size) > logit_cut
             for query, mask in zip(chunk, masks):
                 mask = refine_mask(mask, refine)
                 if mask.any():
+                    mask = mask.copy() if mask.base is not None else mask  # a view would keep its whole chunk alive
                     instances.append(Instance(prompt.label, float(raw.scores[index, query]), mask_box(mask), mask, index))
     if nms_iou is not None:
         instances = suppress_duplicates(instances, nms_iou)
@@ -109,6 +115,19 @@ def select(
         fallback_fp32=raw.fallback_fp32,
         timings_ms=raw.timings_ms | {"postprocess": (time.perf_counter() - started) * 1000},
     )
+
+
+def _check_result_size(masks: int, image_size: tuple[int, int]) -> None:
+    """Refuse, before any mask is upsampled, a result whose full-size masks (one byte a pixel)
+    would take more than MAX_RESULT_MASK_BYTES: a threshold near 0 keeps every distinct query
+    of every prompt, 64 x 200 of them at full size, which on a 40 MP image would be 500 GB."""
+    needed = masks * image_size[0] * image_size[1]
+    if needed > MAX_RESULT_MASK_BYTES:
+        most = MAX_RESULT_MASK_BYTES // (image_size[0] * image_size[1])
+        raise OptionError(
+            f"{masks} masks pass this threshold; at {image_size[1]}x{image_size[0]} they would take {needed / 1e9:.1f} GB "
+            f"(at most {most} fit in {MAX_RESULT_MASK_BYTES / 1e9:.0f} GB). Raise the threshold, or downscale the image."
+        )
 
 
 def with_mask_confidence(raw: RawPrediction, power: float) -> RawPrediction:

@@ -57,8 +57,8 @@ class SegmentService:
         self._slots = threading.BoundedSemaphore(config.max_waiting + 1)
         self._model_lock = threading.Lock()
         # Post-processing runs outside the model lock, so that the next request's model pass can
-        # start; two at a time keep both cores busy, and bound memory: each can take ~1 GB on
-        # a 40 MP image.
+        # start; two at a time keep both cores busy, and bound memory: each holds at most
+        # postprocess.MAX_RESULT_MASK_BYTES (2 GB) of masks, plus ~1 GB upsampling at 40 MP.
         self._postprocessing = threading.BoundedSemaphore(2)
 
     def start(self) -> threading.Thread:
