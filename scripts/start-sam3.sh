@@ -102,11 +102,21 @@ start() {
   echo "ready at $url (logs: $log_file)"
 }
 
+server_pid() {  # the server's pid if it is alive and still our server (pids are reused)
+  local child; child="$(cat "$child_file" 2>/dev/null)" || return 1
+  grep -qs "sam3studio.cli" "/proc/$child/cmdline" && echo "$child"
+}
+
 stop() {
   if ! pid="$(running_pid)"; then echo "not running"; rm -f "$pid_file" "$child_file"; return 0; fi
-  kill "$pid"
-  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  kill -9 "$pid" 2>/dev/null || true
+  local child; child="$(server_pid || true)"
+  kill "$pid"  # the supervisor passes TERM on; the server finishes open requests for at most 5 s
+  for _ in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || { [ -n "$child" ] && kill -0 "$child" 2>/dev/null; } || break
+    sleep 0.2
+  done
+  # Killing only the supervisor would leave its server running, model loaded, with no pid file.
+  kill -9 "$pid" ${child:+"$child"} 2>/dev/null || true
   rm -f "$pid_file" "$child_file"
   echo "stopped"
 }

@@ -185,7 +185,8 @@ def serve(
     service.start()
     app = mount_ui(create_app(service), service)
     console.print(f"serving {model} at http://{host}:{port} (REST docs at /docs; ready when /readyz says so)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # A client that never finishes its request must not hold a stopping server (and its model) open.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 @app.command()

@@ -52,10 +52,18 @@ def test_start_status_refuse_restart_stop(env, tmp_path):
         else:
             pytest.fail("the server was not restarted after being killed")
         assert "restart 1 of" in script("logs", env).stdout
+        server = int((tmp_path / "run" / "server.pid").read_text())
+        # A client that starts an upload and never finishes it must not keep the server alive.
+        stalled = socket.create_connection(("127.0.0.1", int(env["SAM3_PORT"])))
+        stalled.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n5\r\n--b\r\n\r\n")
     finally:
         stopped = script("stop", env)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert script("status", env).returncode == 3
+    time.sleep(0.5)
+    assert not Path(f"/proc/{server}").exists() or b"sam3studio" not in Path(f"/proc/{server}/cmdline").read_bytes(), "the server outlived stop"
+    stalled.close()
 
 
 def test_missing_python_is_reported(env):
