@@ -134,6 +134,9 @@ def test_train_needs_data_or_a_preset(tmp_path):
     assert proc.returncode == 2 and "no annotation file" in proc.stderr
     proc = run("train", "--data", str(tmp_path), "--image-size", "150", "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert proc.returncode == 2 and "not a multiple of the model's 14-pixel patch" in proc.stderr
+    proc = run("train", "--preset", "demo", "--lr", "0.1", "--seed", "3", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert proc.returncode == 2 and "--lr, --seed cannot change it" in proc.stderr, "accepted and silently ignored before"
+    assert not (tmp_path / "demo").exists(), "refused before any data is rendered"
 
 
 def test_output_stems_differ_in_more_than_case():

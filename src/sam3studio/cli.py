@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import platform
@@ -198,10 +199,10 @@ def train(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in all (default 2000); with --preset demo, the length of its second stage.")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16, resolved as for inference: bf16 autocast only where this CPU runs it fast; fp16 with a GradScaler on CUDA.")] = "auto",
     force_precision: Annotated[bool, typer.Option("--force-precision", help="Train in the precision asked for even where it is slow.")] = False,
-    freeze: Annotated[str, typer.Option(help="Comma-separated parts to keep fixed: vision, text.")] = "",
-    images_per_step: Annotated[int, typer.Option(help="Images per optimizer step (each with all its prompts).")] = 4,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 3e-4,
-    seed: Annotated[int, typer.Option(help="Seed for data order, augmentation and init.")] = 0,
+    freeze: Annotated[Optional[str], typer.Option(help="Comma-separated parts to keep fixed: vision, text.")] = None,
+    images_per_step: Annotated[Optional[int], typer.Option(help="Images per optimizer step (each with all its prompts); default 4.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warmup then cosine); default 3e-4.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for data order, augmentation and init; default 0.")] = None,
     image_size: Annotated[Optional[int], typer.Option(min=14, help="Input size in pixels, a multiple of 14; default: the model's own (336 for a fresh demo-size model). "
                                                            "A smaller one trains a large model faster and loses small objects.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -212,21 +213,29 @@ def train(
 
     if preset not in (None, "demo"):
         raise CliError(f"Unknown --preset {preset!r}: the only preset is 'demo'.")
+    # Unset options take TrainConfig's defaults; the demo preset, a fixed recipe, refuses those it would ignore.
+    recipe_options = {"--data": data, "--model": model, "--freeze": freeze, "--images-per-step": images_per_step, "--lr": lr,
+                      "--seed": seed, "--image-size": image_size}
     if preset == "demo":
         from .train.presets import demo_training_stages, prepare_demo_data
 
+        given = [name for name, value in recipe_options.items() if value is not None]
+        if given:
+            raise CliError(f"--preset demo trains its own fixed recipe; {', '.join(given)} cannot change it "
+                           "(only --out, --steps, --device, --precision and --force-precision apply).")
         console.print(f"rendering the shapes datasets under {out / 'data'} (once)")
         splits = prepare_demo_data(out / "data")
-        stages = demo_training_stages(str(out), str(splits["train"]), steps)
+        stages = [dataclasses.replace(stage, device=device, precision=precision, force_precision=force_precision)
+                  for stage in demo_training_stages(str(out), str(splits["train"]), steps)]
     else:
         if data is None:
             raise CliError("Give --data (a COCO dataset folder) or --preset demo.")
         if image_size is not None and image_size % PATCH:
             raise CliError(f"--image-size {image_size} is not a multiple of the model's {PATCH}-pixel patch.")
-        parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
-        stages = [TrainConfig(data=str(data), out=str(out), model=model, steps=steps or 2000, precision=precision,
-                              force_precision=force_precision, freeze=parts, images_per_step=images_per_step, lr=lr, seed=seed, image_size=image_size,
-                              device=device)]
+        given = {"images_per_step": images_per_step, "lr": lr, "seed": seed, "image_size": image_size, "steps": steps,
+                 "freeze": tuple(p.strip() for p in freeze.split(",") if p.strip()) if freeze is not None else None}
+        stages = [TrainConfig(data=str(data), out=str(out), model=model, precision=precision, force_precision=force_precision, device=device,
+                              **{name: value for name, value in given.items() if value is not None})]
     trainers = [_train_stage(config, f"stage {n} of {len(stages)}: " if len(stages) > 1 else "") for n, config in enumerate(stages, start=1)]
     if preset == "demo":
         from .loading import DEMO_MODEL_DIR
