@@ -36,6 +36,8 @@ def test_health_ready_info(client):
     assert client.get("/readyz").status_code == 200
     info = client.get("/v1/info").json()
     assert info["ready"] and info["precisions"]["fp32"] == "fp32" and "torch" in info["versions"]
+    assert "int8" not in info["precisions"], "an fp32 server refuses int8 requests, so it does not offer them"
+    assert set(info["precisions"]) == {"fp32", "fp16", "bf16", "auto"}
 
 
 def test_not_ready_until_loaded(tmp_path):
@@ -67,9 +69,12 @@ def test_segment_returns_the_cli_document(client, scene):
         ({"image": ("bomb.png", None)}, {"prompts": "dog"}, 413, "over the limit"),
         ({"image": ("big.bin", b"0" * 2_100_000)}, {"prompts": "dog"}, 413, "larger than the server accepts"),
         ({"image": ("ok.png", "scene")}, {"prompts": " , "}, 400, "No prompt given"),
-        ({"image": ("ok.png", "scene")}, {"prompts": "dog", "threshold": "2"}, 422, "threshold"),
+        ({"image": ("ok.png", "scene")}, {"prompts": "dog", "threshold": "2"}, 400, "threshold must be"),
+        ({"image": ("ok.png", "scene")}, {"prompts": "dog", "threshold": "nan"}, 400, "threshold must be"),
         ({"image": ("ok.png", "scene")}, {"prompts": "dog", "precision": "fp64"}, 400, "Unknown precision"),
-        ({"image": ("ok.png", "scene")}, {"prompts": "dog", "refine": "9"}, 422, "refine"),
+        ({"image": ("ok.png", "scene")}, {"prompts": "dog", "refine": "9"}, 400, "refine must be one of"),
+        ({"image": ("ok.png", "scene")}, {"prompts": "dog", "format": "png"}, 400, "format must be json or polygons"),
+        ({"image": ("ok.png", "scene")}, {"prompts": "dog", "threshold": "high"}, 422, "threshold"),
         ({}, {"prompts": "dog"}, 422, "image"),
     ],
 )
@@ -80,8 +85,14 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(client, scene, files, d
         files = {"image": ("ok.png", _png(scene))}
     response = client.post("/v1/segment", files=files, data=data)
     assert response.status_code == status, response.text
-    assert text in response.text
+    assert text in response.text and set(response.json()) == {"error", "detail"}
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_malformed_request_is_not_echoed_back(client):
+    secret = b"private bytes of an upload " * 100
+    response = client.post("/v1/segment", files={"image": ("", secret)}, data={"prompts": "dog"})
+    assert response.status_code == 422 and b"private bytes" not in response.content
 
 
 def test_fifty_concurrent_requests_are_all_answered(tiny_checkpoint, scene):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import ImageError, OptionError, PrecisionError, PromptError, __version__
@@ -35,6 +36,7 @@ def create_app(service: SegmentService) -> FastAPI:
 
     for error_type, status in ERROR_STATUS:
         app.add_exception_handler(error_type, _handler(status))
+    app.add_exception_handler(RequestValidationError, _malformed)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -55,17 +57,17 @@ def create_app(service: SegmentService) -> FastAPI:
         import torch
         import transformers
 
-        from ..precision import Precision, cpu_info, resolve
+        from ..precision import cpu_info
 
         segmenter = service.segmenter
         device = str(segmenter.device) if segmenter else "loading"
-        modes = {m.value: resolve(m, segmenter.device if segmenter else "cpu").used.value for m in Precision}
+        modes = _offered_precisions(segmenter) if segmenter else {}
         return {
             "model": service.config.model,
             "ready": service.ready.is_set(),
             "device": device,
             "cpu": cpu_info().model,
-            "precisions": modes,  # what each requested mode runs as here
+            "precisions": modes,  # what each mode a request may ask for runs as here (none while loading)
             "default_threshold": segmenter.default_threshold if segmenter else None,
             "versions": {"sam3studio": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         }
@@ -74,12 +76,15 @@ def create_app(service: SegmentService) -> FastAPI:
     def segment(
         image: UploadFile = File(..., description="The image: JPEG, PNG, WebP, BMP, TIFF or GIF."),
         prompts: str = Form("", description='What to find, comma-separated: "red car, dog"; "dog:0.3" sets one threshold.'),
-        threshold: float | None = Form(None, ge=0.0, le=1.0, description="Score threshold; default: the model's own."),
-        refine: int = Form(0, ge=0, le=3, description="Mask refinement 0-3."),
+        # Ranges are checked by the core (check_options), as for every front end: a 400 naming the option.
+        threshold: float | None = Form(None, description="Score threshold between 0 and 1; default: the model's own."),
+        refine: int = Form(0, description="Mask refinement 0-3."),
         precision: str | None = Form(None, description="fp32, fp16, bf16 or auto; default: the server's."),
-        format: str = Form("json", pattern="^(json|polygons)$", description="json (COCO RLE masks) or polygons."),
+        format: str = Form("json", description="json (COCO RLE masks) or polygons."),
     ) -> dict:
         """Segment one image; answers the same JSON document the CLI writes."""
+        if format not in ("json", "polygons"):
+            raise OptionError(f"format must be json or polygons; got {format!r}.")
         data = image.file.read()
         answer = service.segment(data, prompts, threshold=threshold, refine=refine, precision=precision, name=image.filename or "upload")
         document = result_document(answer.result, image.filename or "upload", polygons=format == "polygons")
@@ -89,12 +94,33 @@ def create_app(service: SegmentService) -> FastAPI:
     return app
 
 
+def _offered_precisions(segmenter) -> dict[str, str]:
+    """{mode: what it runs as here} for the modes the loaded model takes per request: int8 and
+    the float modes need different weights, so a server offers one kind, as the UI does."""
+    from ..precision import Precision
+
+    offered = {}
+    for mode in Precision:
+        try:
+            offered[mode.value] = segmenter.plan_for(mode).used.value
+        except PrecisionError:
+            continue
+    return offered
+
+
 def _handler(status: int):
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(Busy.retry_after_s)} if status == 503 else None
         return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status, headers=headers)
 
     return handle
+
+
+async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 in the shape of every other error, naming the fields but never echoing their values
+    (FastAPI's own answer sends back what was given, the bytes of an upload included)."""
+    problems = "; ".join(f"{'.'.join(str(part) for part in error['loc'][1:]) or 'request'}: {error['msg']}" for error in exc.errors())
+    return JSONResponse({"error": "MalformedRequest", "detail": problems}, status_code=422)
 
 
 class UploadLimit:
