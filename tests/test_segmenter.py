@@ -271,3 +271,16 @@ def test_clear_caches_makes_the_next_call_encode_everything_again(fresh_segmente
     seg.clear_caches()
     seg.predict(scene, "red square")
     assert (seg.counters["image_encodings"], seg.counters["text_encodings"], seg.counters["forward_passes"]) == (2, 2, 2)
+
+
+@pytest.mark.parametrize("height", [1, 3])
+def test_an_image_a_few_pixels_tall_is_read_as_height_width_channels(segmenter, height):
+    def red(rows: int) -> np.ndarray:
+        image = np.zeros((rows, 50, 3), np.uint8)
+        image[..., 0] = 255
+        return image
+
+    # Both are all red once resized to the model's input, so their encodings agree, unless the
+    # strip is read channels-first (then it is 1 or 3 channels of 50x3 pixels, red nowhere).
+    strip, tall = segmenter.encode_image(red(height)).fpn_hidden_states[0], segmenter.encode_image(red(20)).fpn_hidden_states[0]
+    assert torch.allclose(strip, tall, atol=1e-4)

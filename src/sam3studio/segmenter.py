@@ -394,7 +394,9 @@ class Segmenter:
         key = (picture.digest, plan.used, plan.weights_dtype, size["height"], size["width"])
         encoded = self._images.get(key)
         if encoded is None:
-            pixels = self.processor.image_processor(images=picture.rgb, return_tensors="pt")["pixel_values"].to(self.device)
+            # Said, not guessed: transformers reads an image 1-4 pixels tall as channels-first.
+            pixels = self.processor.image_processor(images=picture.rgb, return_tensors="pt", input_data_format="channels_last")
+            pixels = pixels["pixel_values"].to(self.device)
             with torch.inference_mode(), plan.autocast():
                 features, positions = self._vision_features(pixels)
                 skips = self._pixel_decoder.image_skips(features[:-1])  # the levels Sam3Model passes on
