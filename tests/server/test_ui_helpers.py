@@ -38,3 +38,17 @@ def test_downloads_are_written_and_old_ones_removed(tmp_path, monkeypatch):
     assert sorted(os.path.basename(f) for f in files) == ["masks.zip", "overlay.png", "result.json"]
     assert not old.exists(), "a folder Gradio copied long ago is removed"
     assert all(os.path.exists(f) for f in files), "the fresh one stays until Gradio has copied it"
+
+
+def test_a_threshold_that_keeps_too_many_masks_is_a_message_not_a_crash(tiny_checkpoint, scene, monkeypatch):
+    import gradio as gr
+
+    from sam3studio import postprocess
+    from sam3studio.server.service import SegmentService, ServiceConfig
+
+    service = SegmentService(ServiceConfig(model=str(tiny_checkpoint), precision="fp32", device="cpu"))
+    service.start().join()
+    answer = service.segment(scene, "red square, blue square", threshold=0.9, refine=0, precision=None, name="scene.png")
+    monkeypatch.setattr(postprocess, "MAX_RESULT_MASK_BYTES", scene.shape[0] * scene.shape[1])  # room for one mask
+    with pytest.raises(gr.Error, match="Raise the threshold"):
+        ui._reselect(service, answer, 0.0, 0)

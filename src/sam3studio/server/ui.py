@@ -11,6 +11,7 @@ import tempfile
 import time
 import zipfile
 from functools import partial
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
@@ -130,20 +131,29 @@ def _default_threshold(service: SegmentService) -> float:
     return service.segmenter.default_threshold if service.segmenter else 0.5
 
 
+@contextlib.contextmanager
+def _shown_to_the_user() -> Iterator[None]:
+    """Errors in what the user gave become Gradio's message box, with our message."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        raise gr.Error(str(exc)) from None
+
+
 def _segment(service: SegmentService, image, prompts, threshold, refine, precision):
     if image is None:
         raise gr.Error("Upload an image first.")
-    try:
+    with _shown_to_the_user():
         answer = service.segment(image, prompts, threshold=threshold, refine=int(refine), precision=precision, name=Path(image).name)
-    except USER_ERRORS as exc:
-        raise gr.Error(str(exc)) from None
     return _show(answer)
 
 
 def _reselect(service: SegmentService, answer: Answer | None, threshold, refine):
     if answer is None:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    return _show(service.reselect(answer, threshold=threshold, refine=int(refine)))
+    with _shown_to_the_user():  # a threshold near 0 on a large image can keep too many masks to hold
+        answer = service.reselect(answer, threshold=threshold, refine=int(refine))
+    return _show(answer)
 
 
 def _show(answer: Answer):
