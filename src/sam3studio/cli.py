@@ -213,12 +213,12 @@ def train(
 
     if preset not in (None, "demo"):
         raise CliError(f"Unknown --preset {preset!r}: the only preset is 'demo'.")
-    # Unset options take TrainConfig's defaults; the demo preset, a fixed recipe, refuses those it would ignore.
-    recipe_options = {"--data": data, "--model": model, "--freeze": freeze, "--images-per-step": images_per_step, "--lr": lr,
-                      "--seed": seed, "--image-size": image_size}
     if preset == "demo":
         from .train.presets import demo_training_stages, prepare_demo_data
 
+        # A fixed recipe: the options it would ignore are refused, not dropped in silence.
+        recipe_options = {"--data": data, "--model": model, "--freeze": freeze, "--images-per-step": images_per_step, "--lr": lr,
+                          "--seed": seed, "--image-size": image_size}
         given = [name for name, value in recipe_options.items() if value is not None]
         if given:
             raise CliError(f"--preset demo trains its own fixed recipe; {', '.join(given)} cannot change it "
@@ -232,10 +232,11 @@ def train(
             raise CliError("Give --data (a COCO dataset folder) or --preset demo.")
         if image_size is not None and image_size % PATCH:
             raise CliError(f"--image-size {image_size} is not a multiple of the model's {PATCH}-pixel patch.")
-        given = {"images_per_step": images_per_step, "lr": lr, "seed": seed, "image_size": image_size, "steps": steps,
-                 "freeze": tuple(p.strip() for p in freeze.split(",") if p.strip()) if freeze is not None else None}
+        # Options left unset take TrainConfig's defaults.
+        options = {"images_per_step": images_per_step, "lr": lr, "seed": seed, "image_size": image_size, "steps": steps,
+                   "freeze": tuple(p.strip() for p in freeze.split(",") if p.strip()) if freeze is not None else None}
         stages = [TrainConfig(data=str(data), out=str(out), model=model, precision=precision, force_precision=force_precision, device=device,
-                              **{name: value for name, value in given.items() if value is not None})]
+                              **{name: value for name, value in options.items() if value is not None})]
     trainers = [_train_stage(config, f"stage {n} of {len(stages)}: " if len(stages) > 1 else "") for n, config in enumerate(stages, start=1)]
     if preset == "demo":
         from .loading import DEMO_MODEL_DIR
