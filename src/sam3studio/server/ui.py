@@ -10,8 +10,8 @@ import shutil
 import tempfile
 import time
 import zipfile
-from functools import partial
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
