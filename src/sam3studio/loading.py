@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .views import VIEW_COUNTS
+
 DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"
 # What a SAM3 snapshot needs; never *.bin or *.pt, which would be unpickled.
@@ -36,6 +38,7 @@ class LoadedModel:
     revision: str | None  # hub commit hash, when loaded from the hub cache
     score_threshold: float = DEFAULT_SCORE_THRESHOLD  # the model's own default, from SETTINGS_FILE
     mask_confidence_power: float = 0.0  # from SETTINGS_FILE; see postprocess.with_mask_confidence
+    test_time_views: int = 1  # from SETTINGS_FILE; see views
 
 
 def offline_requested(offline: bool | None = None) -> bool:
@@ -189,23 +192,26 @@ def _model_class(weights_dtype: torch.dtype) -> type:
     return type("Sam3ModelHalfWeights", (Sam3Model,), {"_keep_in_fp32_modules_strict": list(FP32_MODULE_NAMES)})
 
 
-def _model_settings(folder: Path) -> tuple[float, float]:
-    """The score threshold and mask-confidence power calibrated for this model, if it ships
-    them; 0.5 and 0 (scores as the model gives them) otherwise."""
+def _model_settings(folder: Path) -> tuple[float, float, int]:
+    """The score threshold, mask-confidence power and test-time views calibrated for this model,
+    if it ships them; 0.5, 0 and 1 (scores as the model gives them) otherwise."""
     path = folder / SETTINGS_FILE
     if not path.is_file():
-        return DEFAULT_SCORE_THRESHOLD, 0.0
+        return DEFAULT_SCORE_THRESHOLD, 0.0, 1
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))
         threshold = float(settings["score_threshold"])
         power = float(settings.get("mask_confidence_power", 0.0))
+        views = settings.get("test_time_views", 1)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(f"{path} is not valid: {exc}") from None
+    if type(views) is not int or views not in VIEW_COUNTS:  # not True, not 4.0: JSON has both
+        raise ModelLoadError(f"{path}: test_time_views {views!r} is not one of {', '.join(map(str, VIEW_COUNTS))}.")
     if not 0.0 <= threshold <= 1.0:
         raise ModelLoadError(f"{path}: score_threshold {threshold} is not between 0 and 1.")
     if not 0.0 <= power <= MAX_MASK_CONFIDENCE_POWER:
         raise ModelLoadError(f"{path}: mask_confidence_power {power} is not between 0 and {MAX_MASK_CONFIDENCE_POWER}.")
-    return threshold, power
+    return threshold, power, views
 
 
 def _require_safetensors(folder: Path) -> None:

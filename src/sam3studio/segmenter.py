@@ -39,6 +39,7 @@ from .precision import (
 from .prompts import PromptsInput, Sam3Warning, attach_boxes, fit_boxes_to_image, parse_prompts
 from .speedups import FirstSelfAttentionMemo, FoldedMaskHead, PixelDecoderSkips, install_complex_rope
 from .types import Prompt, RawPrediction, Result
+from .views import first_views, merge_views
 
 MAX_TEXT_TOKENS = 32  # SAM3's text encoder has 32 positions, start and end tokens included
 BOX_ONLY_TEXT = "visual"  # the text transformers pairs with box-only prompts
@@ -129,8 +130,9 @@ class Segmenter:
     """SAM3 for text and box prompts, with a precision plan and caches. Thread-safe."""
 
     def __init__(self, loaded: LoadedModel, plan: PrecisionPlan, *, force_precision: bool = False, cache_size: int = 8,
-                 image_encoder: OnnxVisionEncoder | None = None):
+                 image_encoder: OnnxVisionEncoder | None = None, views: int | None = None):
         reuse_freed_memory()
+        self.views = first_views(loaded.test_time_views if views is None else views)  # checked before any work
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -275,7 +277,7 @@ class Segmenter:
     def _run(self, picture: HashedImage, prompts: list[Prompt], plan: PrecisionPlan) -> RawPrediction:
         timings: dict[str, float] = {}
         with self._weights_for(plan):
-            outputs = self._forward(picture, prompts, plan, timings)
+            outputs = self._forward_views(picture, prompts, plan, timings)
         fallback = False
         # Only half precision can overflow; int8 layers compute and return fp32.
         if plan.autocast_dtype is not None and not all_finite(*outputs):
@@ -305,7 +307,20 @@ class Segmenter:
     def _forward_fp32(self, picture: HashedImage, prompts, plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
         fp32 = PrecisionPlan(plan.requested, Precision.FP32, plan.device)
         with self._weights_for(fp32):
-            return self._forward(picture, prompts, fp32, timings)
+            return self._forward_views(picture, prompts, fp32, timings)
+
+    def _forward_views(self, picture: HashedImage, prompts: list[Prompt], plan: PrecisionPlan, timings) -> tuple[torch.Tensor, ...]:
+        """`_forward` on each of the model's test-time views, merged in the image's frame (see `views`)."""
+        height, width = picture.rgb.shape[:2]
+        outputs = []
+        for view in self.views:
+            if view.is_identity:
+                outputs.append(self._forward(picture, prompts, plan, timings))
+                continue
+            mirrored = [replace(p, boxes=view.boxes(p.boxes, width, height)) for p in prompts]
+            scores, boxes, masks = self._forward(HashedImage.of(view.image(picture.rgb)), mirrored, plan, timings)
+            outputs.append((scores, *view.back(boxes, masks)))
+        return merge_views(outputs)
 
     @contextlib.contextmanager
     def _weights_for(self, plan: PrecisionPlan) -> Iterator[None]:
@@ -326,12 +341,12 @@ class Segmenter:
         all float32 on the CPU."""
         start = time.perf_counter()
         encoded = self._encode(picture, plan)
-        timings["encode_image"] = (time.perf_counter() - start) * 1000
+        _add_time(timings, "encode_image", start)
 
         start = time.perf_counter()
         text_embeds, text_mask = self._encode_texts([p.text or BOX_ONLY_TEXT for p in prompts], plan)
         synchronize(plan.device)
-        timings["encode_text"] = (time.perf_counter() - start) * 1000
+        _add_time(timings, "encode_text", start)
 
         start = time.perf_counter()
         # A prompt without boxes batched beside prompts with boxes would get an all-padding box
@@ -352,7 +367,7 @@ class Segmenter:
                 # float32 on the CPU; scattered rows (box prompts among text ones) need it converted first.
                 whole[rows] = piece if isinstance(rows, slice) else piece.to(whole.device, whole.dtype)
             del part
-        timings["detect"] = (time.perf_counter() - start) * 1000
+        _add_time(timings, "detect", start)
         return tuple(outputs)
 
     def _prompts_per_pass(self, encoded: EncodedImage) -> int:
@@ -455,6 +470,11 @@ class Segmenter:
         return boxes.to(self.device), labels.to(self.device)
 
 
+def _add_time(timings: dict[str, float], stage: str, since: float) -> None:
+    """Milliseconds since `since`, added to the stage's total: test-time views run each stage more than once."""
+    timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - since) * 1000
+
+
 def _raw_bytes(raw: RawPrediction) -> int:
     return raw.scores.nbytes + raw.boxes.nbytes + raw.mask_logits.nbytes
 
@@ -478,6 +498,7 @@ def load_segmenter(
     token: str | None = None,
     cache_size: int = 8,
     backend: str = "torch",
+    views: int | None = None,
 ) -> Segmenter:
     """Load a SAM3 model (hub id, local folder or "demo") and wrap it in a Segmenter.
 
@@ -486,6 +507,8 @@ def load_segmenter(
     fp32; or bf16/fp16 explicitly, to halve the weights' memory (needs that autocast).
     backend: "torch", or "onnxruntime" to encode images with ONNX Runtime's int8 (int8 only, on
     the CPU; the first use of a checkpoint exports it, see `onnx_vision`).
+    views: test-time views, 1, 2 or 4 (see `views`); None: as many as the model's settings ask
+    for (the demo model: 4), else 1.
     """
     torch_device = _pick_device(device)
     plan = resolve(precision, torch_device, force=force_precision, weights_dtype=weights_dtype)
@@ -497,7 +520,7 @@ def load_segmenter(
     if backend == "onnxruntime":
         size = loaded.processor.image_processor.size
         image_encoder = OnnxVisionEncoder.for_checkpoint(loaded.folder, (size["height"], size["width"]))
-    return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size, image_encoder=image_encoder)
+    return Segmenter(loaded, plan, force_precision=force_precision, cache_size=cache_size, image_encoder=image_encoder, views=views)
 
 
 def _check_backend(backend: str, plan: PrecisionPlan) -> None:
