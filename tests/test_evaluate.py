@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sam3studio.evaluate import F1_TIE, EvalCase, PromptAnswers, _best_threshold, best_queries, calibrate_scoring, queries_to_keep, calibrate_threshold, collect, score
+from sam3studio.evaluate import MIN_PRECISION, EvalCase, PromptAnswers, _best_threshold, best_queries, calibrate_scoring, queries_to_keep, calibrate_threshold, collect, score
 from sam3studio.postprocess import select
 from sam3studio.types import Prompt, RawPrediction
 
@@ -55,17 +55,15 @@ def test_every_threshold_counts_what_select_returns_at_it():
             2 if threshold < 0.3 else 1 if threshold <= 0.6 else 0)
 
 
-def test_calibration_trades_recall_against_false_positives():
-    # F1 = 2 TP / (predictions + objects). 0.15: 2 TP, 4 predictions (one on the negative): 4/6.
-    # 0.3 and 0.5: 1 TP of 2 (plus the negative at 0.3): 2/5 and 2/4. 0.85: 1 TP of 1: 2/3.
-    # The negative prompt answers at 0.15 and 0.3: only with the limit on absent prompts lifted
-    # may those win.
-    anything = {"max_negative_fp": 1.0}
-    assert calibrate_threshold([_case()], np.array([0.3, 0.5]), **anything) == 0.5
-    assert calibrate_threshold([_case()], np.array([0.3, 0.5, 0.85]), **anything) == 0.85
-    assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85]), **anything) == 0.15  # a tie goes lower
-    assert calibrate_threshold([_case()], np.array([0.15, 0.3, 0.5, 0.85])) == 0.85  # F1 2/3, and "b" returns nothing
-    assert calibrate_threshold([_case()], np.array([0.15, 0.3])) == 0.15, "no threshold keeps the limit: F1 decides alone"
+def test_calibration_takes_the_lowest_threshold_within_both_limits():
+    # Prompt "a" (see _case): at 0.85 one right answer (precision 1, mIoU 0.35); at 0.5 its
+    # duplicate joins (precision 0.5, mIoU the same); at 0.15 the second object too (precision
+    # 2/3, mIoU 0.85). Absent "b" answers at 0.3 and below.
+    candidates = np.array([0.15, 0.3, 0.5, 0.85])
+    assert calibrate_threshold([_case()], candidates) == 0.85
+    assert calibrate_threshold([_case()], candidates, min_precision=0.5) == 0.5, "as good as 0.85, and lower"
+    assert calibrate_threshold([_case()], candidates, max_negative_fp=1.0, min_precision=0.6) == 0.15, "finds both objects"
+    assert calibrate_threshold([_case()], candidates[:2]) == 0.15, "neither keeps 'b' quiet: the more precise"
 
 
 def _hundred_objects(extra_wrong: int) -> dict:
@@ -78,21 +76,21 @@ def _hundred_objects(extra_wrong: int) -> dict:
     return {"a": PromptAnswers(scores, ious)}
 
 
-def test_calibration_takes_the_lower_threshold_when_f1_cannot_tell_them_apart():
-    # At 0.5: F1 198/199 = 0.9950. At 0.3 with 2 wrong masks: 200/202 = 0.9901, within F1_TIE;
-    # with 3: 200/203 = 0.9852, not.
-    assert 0.995 - 200 / 202 < F1_TIE < 0.995 - 200 / 203
+def test_calibration_lets_wrong_answers_in_only_down_to_the_precision_floor():
+    # At 0.3 the last object is found beside the wrong masks: precision 100/120 keeps the floor
+    # of 0.8, 100/130 does not.
+    assert 100 / 130 < MIN_PRECISION <= 100 / 120
     candidates = np.array([0.3, 0.5])
-    assert _best_threshold([_hundred_objects(2)], candidates, 0.1)[0] == 0.3
-    assert _best_threshold([_hundred_objects(3)], candidates, 0.1)[0] == 0.5
+    assert _best_threshold([_hundred_objects(20)], candidates, 0.1, MIN_PRECISION)[0] == 0.3
+    assert _best_threshold([_hundred_objects(30)], candidates, 0.1, MIN_PRECISION)[0] == 0.5
 
 
 def test_scoring_calibration_takes_the_mask_confidence_when_it_ranks_better():
     # Prompt "a": its object found by a sure mask at 0.6 and, scoring higher, a hesitant mask
     # (probability 0.55 inside) over 40% of it and 60% beside it, too little to count as the
     # object or to be dropped as its copy. By score alone no threshold keeps the object without
-    # the wrong mask (best F1 2/3); times the confidence it falls to 0.495 (0.27 squared) and a
-    # threshold between it and 0.6 keeps the object alone (F1 1).
+    # the wrong mask (precision 1/2, below the floor); times the confidence it falls to 0.495
+    # (0.27 squared) and a threshold between it and 0.6 keeps the object alone (precision 1).
     sure = _logits((0, 0, 10, 10))
     hesitant = np.where(_logits((0, 6, 10, 16)) > 0, np.log(0.55 / 0.45), -10.0).astype(np.float32)
     raw = RawPrediction((20, 20), [Prompt("a")], np.array([[0.9, 0.6]], np.float32), np.zeros((1, 2, 4), np.float32),
