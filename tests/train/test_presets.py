@@ -74,18 +74,20 @@ def test_a_fresh_run_starts_from_the_sincos_table_only_when_asked(tmp_path):
 
 
 def test_the_demo_recipe_keeps_positions_from_scratch_and_chains_its_stages(tmp_path):
-    encoder, detector, polish, resolution, refine = demo_training_stages(str(tmp_path), str(tmp_path / "data"))
+    stages = demo_training_stages(str(tmp_path), str(tmp_path / "data"))
+    encoder, encoder_polish, detector, polish, resolution, refine = stages
     assert encoder.model is None and encoder.sincos_positions and encoder.dense_only
-    assert detector.model == str(tmp_path / "encoder-position" / "checkpoint")
+    assert encoder_polish == demo_position_encoder_polish_stage(str(tmp_path), str(tmp_path / "data"))
+    assert detector.model == str(tmp_path / "encoder-polish" / "checkpoint") and not detector.dense_only
     assert polish.model == str(tmp_path / "detector-position" / "checkpoint") and polish.lr < detector.lr
     assert resolution.model == str(tmp_path / "polish-position" / "checkpoint") and resolution.image_size == 420 > polish.image_size
     assert refine.model == str(tmp_path / "resolution-position" / "checkpoint") and refine.image_size == 420 and refine.lr < resolution.lr
     assert refine.seed != resolution.seed  # new batches: a batch depends on (seed, step) alone
-    assert encoder.weights.position == detector.weights.position == polish.weights.position == resolution.weights.position == refine.weights.position == 20.0
-    unstarted = [SimpleNamespace(config=stage, history=[], step=0) for stage in (encoder, detector, polish, resolution, refine)]  # what training_notes reads of a Trainer
+    assert {stage.weights.position for stage in stages} == {20.0}
+    unstarted = [SimpleNamespace(config=stage, history=[], step=0) for stage in stages]  # what training_notes reads of a Trainer
     recipe = training_notes(unstarted)["recipe"]
     assert recipe.count("sin/cos") == 1 and "'position': 20.0" in recipe  # only the stage that starts the table names it
-    assert recipe.count("seed 1,") == 1 and recipe.count("seed 0,") == 4  # the card says which batches each stage saw
+    assert recipe.count("seed 3,") == recipe.count("seed 1,") == 1 and recipe.count("seed 0,") == 4  # which batches each stage saw
 
 
 def test_the_encoder_polish_continues_the_encoder_stage_lower_on_new_batches(tmp_path):
