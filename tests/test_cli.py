@@ -122,7 +122,7 @@ def test_train_then_eval(tiny_checkpoint, tmp_path):
     assert all(0 <= r["miou"] <= 1 and r["images"] == 3 for r in rows)
     assert "mIoU" in proc.stdout
     for bad, message in ((["--limit", "0"], "--limit must be 1 or more"), (["--threshold", "1.5"], "threshold must be"),
-                         (["--precision", "fp32,fp33"], "Unknown precision 'fp33'")):
+                         (["--precision", "fp32,fp33"], "Unknown precision 'fp33'"), (["--views", "3"], "views must be one of 1, 2, 4")):
         proc = run("eval", "--model", str(run_dir / "checkpoint"), "--data", str(shapes), *bad, cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
