@@ -38,6 +38,7 @@ def test_health_ready_info(client):
     assert info["ready"] and info["precisions"]["fp32"] == "fp32" and "torch" in info["versions"]
     assert "int8" not in info["precisions"], "an fp32 server refuses int8 requests, so it does not offer them"
     assert set(info["precisions"]) == {"fp32", "fp16", "bf16", "auto"}
+    assert info["test_time_views"] == 1, "the tiny checkpoint ships no settings"
 
 
 def test_not_ready_until_loaded(tmp_path):

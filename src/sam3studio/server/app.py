@@ -69,6 +69,7 @@ def create_app(service: SegmentService) -> FastAPI:
             "cpu": cpu_info().model,
             "precisions": modes,  # what each mode a request may ask for runs as here (none while loading)
             "default_threshold": segmenter.default_threshold if segmenter else None,
+            "test_time_views": len(segmenter.views) if segmenter else None,  # passes per image (sam3studio.views)
             "versions": {"sam3studio": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         }
 
