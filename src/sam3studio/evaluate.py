@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .postprocess import select, with_mask_confidence
+from .postprocess import mask_iou_matrix, select, with_mask_confidence
 from .prompts import MAX_PROMPTS
 from .segmenter import Segmenter
 from .train.data import CocoSegmentationData
@@ -245,11 +245,7 @@ def _without_crowd_answers(kept: list, ious: np.ndarray, crowd: np.ndarray) -> t
 def _iou_matrix(truth: np.ndarray, found: list[np.ndarray]) -> np.ndarray:
     if not found:
         return np.zeros((len(truth), 0))
-    t = truth.reshape(len(truth), -1).astype(np.float32)
-    f = np.stack(found).reshape(len(found), -1).astype(np.float32)
-    inter = t @ f.T
-    union = t.sum(1)[:, None] + f.sum(1)[None] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    return mask_iou_matrix(truth, np.stack(found))
 
 
 def _match(ious: np.ndarray) -> tuple[list[float], int]:

@@ -252,6 +252,16 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
+def mask_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) IoU of every mask of `a` (N, ...) with every mask of `b` (M, ...), as one matrix
+    product; 0 where both are empty."""
+    fa = a.reshape(len(a), -1).astype(np.float32)
+    fb = b.reshape(len(b), -1).astype(np.float32)
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None] - inter
+    return inter / np.maximum(union, 1)
+
+
 def suppress_duplicates(instances: list[Instance], iou: float) -> list[Instance]:
     """Greedy mask NMS over all prompts; the survivors keep their original order."""
     order = sorted(range(len(instances)), key=lambda i: -instances[i].score)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .postprocess import OptionError
+from .postprocess import OptionError, mask_iou_matrix
 
 VIEW_COUNTS = (1, 2, 4)  # identity; + left-right mirror; + upside down and half turn
 SAME_MASK_IOU = 0.5  # two views' masks overlapping at least this (IoU) describe the same object
@@ -96,11 +96,7 @@ def merge_views(outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) 
 
 def _matches(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the pairs of queries (Q, h, w masks each) that describe the same object."""
-    a = ours.flatten(1).float()
-    b = theirs.flatten(1).float()
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
-    iou = (inter / union.clamp(min=1)).numpy()
+    iou = mask_iou_matrix(ours.numpy(), theirs.numpy())
     rows, cols = linear_sum_assignment(-iou)
     same = iou[rows, cols] >= SAME_MASK_IOU
     return torch.as_tensor(rows[same]), torch.as_tensor(cols[same])
