@@ -58,6 +58,7 @@ def segment(
     mask_threshold: Annotated[float, typer.Option(help="Pixel probability above which a pixel is in the mask.")] = 0.5,
     refine: Annotated[int, typer.Option(help="Mask refinement: 0 raw, 1 clean specks and pinholes, 2 also smooth edges, 3 also one solid piece.")] = 0,
     nms: Annotated[Optional[float], typer.Option(help="Drop an object overlapping a better-scoring one by this IoU or more (same object found by two prompts).")] = None,
+    snap_edges: Annotated[bool, typer.Option(help="Upsample masks along the image's edges (guided filter); --no-snap-edges: plain bilinear, as transformers does.")] = True,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP, envvar="SAM3_PRECISION")] = "auto",
     force_precision: Annotated[bool, typer.Option("--force-precision", help="Run the precision asked for even where it is slow.")] = False,
     weights_dtype: Annotated[str, typer.Option(help="auto: half precision when --precision auto runs bf16/fp16, else fp32; fp32; or bf16/fp16 (half the memory; needs that precision).")] = "auto",
@@ -97,7 +98,7 @@ def segment(
             try:
                 image = load_image(file)
                 result = seg.segment(
-                    image, prompt, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms,
+                    image, prompt, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms, snap_edges=snap_edges,
                     boxes=all_boxes or None, box_labels=all_labels or None,
                 )
                 stem = _unique_stem(export.safe_stem(file.stem), stems)

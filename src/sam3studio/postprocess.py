@@ -14,7 +14,8 @@ precision@0.5 rose from 0.64 to 0.72 at 0.2 for 0.003-0.007 of mIoU
 (runs/demo-checkpoint/RESUME.md).
 
 Refinement levels (each includes the ones before it):
-  0  raw: the model's mask logits, upsampled and thresholded; nothing else.
+  0  raw: the model's mask logits, upsampled (along the image's edges unless snap_edges is off;
+     see `edges`) and thresholded; nothing else.
   1  clean: drop specks and fill pinholes smaller than 1% of the mask's area (at least 16 px).
   2  smooth: also round off jagged edges with a morphological open and close whose radius grows
      with the image (0.4% of its diagonal, at least 1 px).
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import edges
 from .types import Instance, RawPrediction, Result
 
 REFINE_LEVELS = {0: "raw", 1: "clean", 2: "smooth", 3: "solid"}
@@ -72,12 +74,14 @@ def select(
     mask_threshold: float = 0.5,
     refine: int = 0,
     nms_iou: float | None = None,
+    snap_edges: bool = True,
 ) -> Result:
     """Keep queries scoring at least `threshold` (or their prompt's own threshold) and, of a
-    prompt's masks that describe one object, the best (see the module's docstring); binarise
-    their masks at `mask_threshold`, refine them, and optionally suppress duplicates: an
-    instance whose mask overlaps a better-scoring one by IoU >= `nms_iou` is dropped, whatever
-    prompt found it. Instances with empty masks are dropped.
+    prompt's masks that describe one object, the best (see the module's docstring); upsample
+    their masks to the image, along its edges when `snap_edges` and the image is known (see
+    `edges`), binarise them at `mask_threshold`, refine them, and optionally suppress
+    duplicates: an instance whose mask overlaps a better-scoring one by IoU >= `nms_iou` is
+    dropped, whatever prompt found it. Instances with empty masks are dropped.
     """
     check_options(threshold, mask_threshold, refine, nms_iou)
     started = time.perf_counter()
@@ -90,14 +94,15 @@ def select(
         kept = np.flatnonzero(raw.scores[index] >= cut)
         kept = kept[np.argsort(-raw.scores[index][kept], kind="stable")]
         small = raw.mask_logits[index][kept] > logit_cut
-        # Bilinear upsampling never exceeds the largest low-resolution logit: a mask empty here is empty at full size.
+        # Bilinear upsampling never exceeds the largest low-resolution logit: a mask empty here is empty at full
+        # size (snapped to edges too: a mask the model left empty is not one edges should grow).
         nonempty = small.any((-2, -1))
         chosen.append((index, prompt, kept[nonempty][one_per_object(small[nonempty])]))
     _check_result_size(sum(kept.size for _, _, kept in chosen), raw.image_size)
     for index, prompt, kept in chosen:
         for start in range(0, kept.size, chunk_size):  # bounded memory at any threshold and image size
             chunk = kept[start : start + chunk_size]
-            masks = upsample_masks(raw.mask_logits[index][chunk], raw.image_size) > logit_cut
+            masks = full_size_masks(raw, raw.mask_logits[index][chunk], mask_threshold, snap_edges)
             for query, mask in zip(chunk, masks):
                 mask = refine_mask(mask, refine)
                 if mask.any():
@@ -167,6 +172,16 @@ def one_per_object(masks: np.ndarray) -> np.ndarray:
         if not same[i, kept].any():
             kept.append(i)
     return np.array(kept, dtype=np.int64)
+
+
+def full_size_masks(raw: RawPrediction, logits: np.ndarray, mask_threshold: float, snap_edges: bool) -> np.ndarray:
+    """(K, h, w) mask logits of `raw` -> (K, H, W) bool masks at the image's size."""
+    upsampled = upsample_masks(logits, raw.image_size)
+    if not snap_edges or raw.image is None:
+        return upsampled > math.log(mask_threshold / (1 - mask_threshold))
+    radius = edges.radius_for(raw.image_size, logits.shape[-2:])
+    probability = 0.5 + 0.5 * np.tanh(0.5 * upsampled)  # the sigmoid, without exp's overflow
+    return np.stack([edges.snap_to_edges(p, raw.image, radius) > mask_threshold for p in probability])
 
 
 def upsample_masks(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -202,18 +202,21 @@ class Segmenter:
         mask_threshold: float = 0.5,
         refine: int = 0,
         nms_iou: float | None = None,
+        snap_edges: bool = True,
         precision: str | Precision | None = None,
         boxes: Sequence[Sequence[float]] | None = None,
         box_labels: Sequence[int] | None = None,
     ) -> Result:
         """Find every object matching each prompt. See `predict` for the inputs and
         `postprocess.select` for threshold (default: the model's own, see `default_threshold`),
-        mask_threshold, refine and nms_iou."""
+        mask_threshold, refine, nms_iou and snap_edges."""
         started = time.perf_counter()
         threshold = self.default_threshold if threshold is None else threshold
         postprocess.check_options(threshold, mask_threshold, refine, nms_iou)
         raw = self.predict(image, prompts, precision=precision, boxes=boxes, box_labels=box_labels)
-        result = postprocess.select(raw, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms_iou)
+        result = postprocess.select(
+            raw, threshold=threshold, mask_threshold=mask_threshold, refine=refine, nms_iou=nms_iou, snap_edges=snap_edges
+        )
         result.timings_ms["total"] = (time.perf_counter() - started) * 1000
         return result
 
@@ -301,6 +304,7 @@ class Segmenter:
             precision_used=Precision.FP32.value if fallback else plan.used.value,
             fallback_fp32=fallback,
             timings_ms=timings,
+            image=_frozen_copy(picture.rgb),
         )
         return postprocess.with_mask_confidence(raw, self.loaded.mask_confidence_power)
 
@@ -559,3 +563,11 @@ def synchronize(device: torch.device) -> None:
     """CUDA runs asynchronously: wait for it so that timings measure the work, not the launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _frozen_copy(array: np.ndarray) -> np.ndarray:
+    """A read-only copy: the image a cached prediction keeps to guide its masks must not change
+    when the caller edits the array it passed in (load_image returns such arrays as they are)."""
+    copy = array.copy()
+    copy.flags.writeable = False
+    return copy

@@ -80,6 +80,7 @@ def create_app(service: SegmentService) -> FastAPI:
         # Ranges are checked by the core (check_options), as for every front end: a 400 naming the option.
         threshold: float | None = Form(None, description="Score threshold between 0 and 1; default: the model's own."),
         refine: int = Form(0, description="Mask refinement 0-3."),
+        snap_edges: bool = Form(True, description="Upsample masks along the image's edges; false: plain bilinear."),
         precision: str | None = Form(None, description="fp32, fp16, bf16 or auto; default: the server's."),
         format: str = Form("json", description="json (COCO RLE masks) or polygons."),
     ) -> dict:
@@ -87,7 +88,9 @@ def create_app(service: SegmentService) -> FastAPI:
         if format not in ("json", "polygons"):
             raise OptionError(f"format must be json or polygons; got {format!r}.")
         data = image.file.read()
-        answer = service.segment(data, prompts, threshold=threshold, refine=refine, precision=precision, name=image.filename or "upload")
+        answer = service.segment(
+            data, prompts, threshold=threshold, refine=refine, snap_edges=snap_edges, precision=precision, name=image.filename or "upload"
+        )
         document = result_document(answer.result, image.filename or "upload", polygons=format == "polygons")
         document["warnings"] = answer.warnings
         return document

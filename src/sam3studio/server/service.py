@@ -80,7 +80,7 @@ class SegmentService:
         except Exception as exc:  # reported by /readyz and every request; the process keeps serving
             self.error = f"{type(exc).__name__}: {exc}"
 
-    def segment(self, image, prompts, *, threshold=None, refine=0, precision=None, name="upload") -> Answer:
+    def segment(self, image, prompts, *, threshold=None, refine=0, snap_edges=True, precision=None, name="upload") -> Answer:
         """Decode, queue, run (or reuse cached outputs) and post-process one request."""
         segmenter = self._require_ready()
         if not self._slots.acquire(blocking=False):  # before decoding: a flood must not decode in parallel
@@ -100,15 +100,15 @@ class SegmentService:
         cut = segmenter.default_threshold if threshold is None else threshold
         started = time.perf_counter()
         with self._postprocessing:
-            result = select(raw, threshold=cut, refine=refine)
+            result = select(raw, threshold=cut, refine=refine, snap_edges=snap_edges)
         result.timings_ms["postprocess"] = (time.perf_counter() - started) * 1000
         # Only our own warnings (prompt language, precision changes); the catch is process-wide.
         return Answer(result, rgb, raw, [str(w.message) for w in caught if issubclass(w.category, Sam3Warning)])
 
-    def reselect(self, answer: Answer, *, threshold: float, refine: int) -> Answer:
+    def reselect(self, answer: Answer, *, threshold: float, refine: int, snap_edges: bool = True) -> Answer:
         """A new threshold or refinement level on the same model outputs: no model run."""
         with self._postprocessing:
-            result = select(answer.raw, threshold=threshold, refine=refine)
+            result = select(answer.raw, threshold=threshold, refine=refine, snap_edges=snap_edges)
         return Answer(result, answer.image, answer.raw, answer.warnings)
 
     def _require_ready(self) -> Segmenter:

@@ -1,0 +1,95 @@
+"""Masks that follow the image's edges: a colour guided filter (He, Sun and Tang, "Guided Image
+Filtering", 2013) of the upsampled mask probability, with the image as the guide.
+
+Why: a model predicts masks on a coarse grid (the demo model 120x120, SAM3 288x288), and
+bilinear upsampling turns each grid cell into a soft ramp several pixels wide: corners round
+off, thin parts thin out. The guided filter fits the probability, window by window, as a linear
+function of the image's colours, so where the window holds an edge the mask's boundary moves
+onto it, and where the colour is flat the probability is only smoothed. On the demo model's
+validation split this raised mIoU from 0.841 to 0.869-0.871 at the same threshold (recall and
+absent-prompt answers unchanged; runs/demo-checkpoint/RESUME.md). Nothing here is trained.
+
+Cost is bounded on large images by the fast guided filter (He and Sun, 2015): the filter's
+coefficients are computed on a copy of the mask's window shrunk to at most WORK_PIXELS pixels
+and upsampled, and only the final per-pixel combination runs at full size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+# The window's radius in cells of the model's mask grid: 2-3 cells move a boundary as far as
+# bilinear upsampling blurred it; measured on the demo model's validation split (2 -> 0.869,
+# 3 -> 0.871, 4 -> see RESUME.md).
+RADIUS_CELLS = 3
+# Regularisation, for colours in [0, 1]: a colour change smaller than about sqrt(EPSILON) (0.03,
+# 8 grey levels) in a window is treated as flat, so noise and texture do not drag the mask.
+EPSILON = 1e-3
+WORK_PIXELS = 1_000_000
+_SUPPORT = 0.01  # probability below which a pixel is far from the mask: its window is not filtered
+
+
+def radius_for(image_size: tuple[int, int], mask_size: tuple[int, int]) -> int:
+    """The filter's radius in image pixels: RADIUS_CELLS cells of the mask grid."""
+    factor = max(image_size[0] / mask_size[0], image_size[1] / mask_size[1])
+    return max(1, round(RADIUS_CELLS * factor))
+
+
+def snap_to_edges(probability: np.ndarray, image: np.ndarray, radius: int) -> np.ndarray:
+    """(H, W) mask probability, guided by the (H, W, 3) uint8 image -> (H, W) float32
+    probability whose 0.5 contour follows the image's edges near the mask. Only the mask's
+    window (where the probability exceeds 1%, plus two radii) is filtered; outside it the
+    probability is returned as it was."""
+    rows, cols = np.nonzero(probability > _SUPPORT)
+    out = probability.astype(np.float32, copy=True)
+    if rows.size == 0:
+        return out
+    margin = 2 * radius + 1
+    window = (slice(max(rows.min() - margin, 0), rows.max() + margin + 1), slice(max(cols.min() - margin, 0), cols.max() + margin + 1))
+    out[window] = _guided_filter(image[window].astype(np.float32) / 255, out[window], radius)
+    return out
+
+
+def _guided_filter(guide: np.ndarray, probability: np.ndarray, radius: int) -> np.ndarray:
+    height, width = probability.shape
+    scale = min(1.0, math.sqrt(WORK_PIXELS / (height * width)))
+    if scale == 1.0:
+        slope, offset = _coefficients(guide, probability, radius)
+    else:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small_guide = cv2.resize(guide, size, interpolation=cv2.INTER_AREA)
+        small_probability = cv2.resize(probability, size, interpolation=cv2.INTER_AREA)
+        slope, offset = _coefficients(small_guide, small_probability, max(1, round(radius * scale)))
+        slope = cv2.resize(slope, (width, height), interpolation=cv2.INTER_LINEAR)
+        offset = cv2.resize(offset, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.einsum("hwc,hwc->hw", slope, guide) + offset
+
+
+def _coefficients(guide: np.ndarray, probability: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each window's least-squares fit probability ~ slope . colour + offset, averaged over the
+    windows covering each pixel: (H, W, 3) slopes and (H, W) offsets."""
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(values, -1, (2 * radius + 1, 2 * radius + 1), borderType=cv2.BORDER_REFLECT)
+
+    mean_colour = mean(guide)
+    mean_probability = mean(probability)
+    covariance = mean(guide * probability[..., None]) - mean_colour * mean_probability[..., None]
+    pairs = guide[..., [0, 0, 0, 1, 1, 2]] * guide[..., [0, 1, 2, 1, 2, 2]]  # rr rg rb gg gb bb
+    spread = mean(pairs) - mean_colour[..., [0, 0, 0, 1, 1, 2]] * mean_colour[..., [0, 1, 2, 1, 2, 2]]
+    rr, rg, rb, gg, gb, bb = (spread[..., i] for i in range(6))
+    rr, gg, bb = rr + EPSILON, gg + EPSILON, bb + EPSILON
+    # The 3x3 colour covariance is symmetric: solve it by its adjugate, pixel by pixel.
+    inverse = np.stack([gg * bb - gb * gb, gb * rb - rg * bb, rg * gb - gg * rb,
+                        rr * bb - rb * rb, rb * rg - rr * gb, rr * gg - rg * rg], axis=-1)
+    determinant = rr * inverse[..., 0] + rg * inverse[..., 1] + rb * inverse[..., 2]
+    i = inverse / determinant[..., None]
+    c0, c1, c2 = covariance[..., 0], covariance[..., 1], covariance[..., 2]
+    slope = np.stack([i[..., 0] * c0 + i[..., 1] * c1 + i[..., 2] * c2,
+                      i[..., 1] * c0 + i[..., 3] * c1 + i[..., 4] * c2,
+                      i[..., 2] * c0 + i[..., 4] * c1 + i[..., 5] * c2], axis=-1)
+    offset = mean_probability - np.einsum("hwc,hwc->hw", slope, mean_colour)
+    return mean(slope), mean(offset)
