@@ -49,23 +49,27 @@ def snap_to_edges(probability: np.ndarray, image: np.ndarray, radius: int) -> np
         return out
     margin = 2 * radius + 1
     window = (slice(max(rows.min() - margin, 0), rows.max() + margin + 1), slice(max(cols.min() - margin, 0), cols.max() + margin + 1))
-    out[window] = _guided_filter(image[window].astype(np.float32) / 255, out[window], radius)
+    out[window] = _guided_filter(image[window], out[window], radius)
     return out
 
 
-def _guided_filter(guide: np.ndarray, probability: np.ndarray, radius: int) -> np.ndarray:
+def _guided_filter(image: np.ndarray, probability: np.ndarray, radius: int) -> np.ndarray:
+    """The filtered probability of one window; `image` is its uint8 colours. At full size only
+    the final combination runs, a channel at a time: a 40 MP window then needs ~1 GB, not ~5."""
     height, width = probability.shape
     scale = min(1.0, math.sqrt(WORK_PIXELS / (height * width)))
     if scale == 1.0:
-        slope, offset = _coefficients(guide, probability, radius)
+        slope, offset = _coefficients(image.astype(np.float32) / 255, probability, radius)
     else:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        small_guide = cv2.resize(guide, size, interpolation=cv2.INTER_AREA)
+        small_image = cv2.resize(image, size, interpolation=cv2.INTER_AREA).astype(np.float32) / 255
         small_probability = cv2.resize(probability, size, interpolation=cv2.INTER_AREA)
-        slope, offset = _coefficients(small_guide, small_probability, max(1, round(radius * scale)))
-        slope = cv2.resize(slope, (width, height), interpolation=cv2.INTER_LINEAR)
+        slope, offset = _coefficients(small_image, small_probability, max(1, round(radius * scale)))
         offset = cv2.resize(offset, (width, height), interpolation=cv2.INTER_LINEAR)
-    return np.einsum("hwc,hwc->hw", slope, guide) + offset
+    for channel in range(3):
+        channel_slope = slope[..., channel] if scale == 1.0 else cv2.resize(slope[..., channel], (width, height), interpolation=cv2.INTER_LINEAR)
+        offset += channel_slope * (image[..., channel] * np.float32(1 / 255))
+    return offset
 
 
 def _coefficients(guide: np.ndarray, probability: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:

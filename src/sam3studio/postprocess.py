@@ -151,7 +151,7 @@ def mask_confidence(mask_logits: np.ndarray) -> np.ndarray:
     """(..., h, w) mask logits -> (...) the mean probability over the pixels each mask keeps
     at the default mask threshold (logit > 0); 0 for an empty mask."""
     kept = mask_logits > 0
-    probability = 0.5 + 0.5 * np.tanh(0.5 * mask_logits.astype(np.float32))  # the sigmoid, without exp's overflow
+    probability = _sigmoid(mask_logits.astype(np.float32))
     return (probability * kept).sum((-2, -1)) / np.maximum(kept.sum((-2, -1)), 1)
 
 
@@ -180,8 +180,11 @@ def full_size_masks(raw: RawPrediction, logits: np.ndarray, mask_threshold: floa
     if not snap_edges or raw.image is None:
         return upsampled > math.log(mask_threshold / (1 - mask_threshold))
     radius = edges.radius_for(raw.image_size, logits.shape[-2:])
-    probability = 0.5 + 0.5 * np.tanh(0.5 * upsampled)  # the sigmoid, without exp's overflow
-    return np.stack([edges.snap_to_edges(p, raw.image, radius) > mask_threshold for p in probability])
+    return np.stack([edges.snap_to_edges(_sigmoid(mask), raw.image, radius) > mask_threshold for mask in upsampled])
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(0.5 * logits)  # without exp's overflow
 
 
 def upsample_masks(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
