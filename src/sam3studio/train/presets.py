@@ -357,6 +357,8 @@ def _model_card(config, threshold: float, power: float, notes: dict, reports: li
         "",
         f"Every image is run in {DEMO_VIEWS} test-time views (as it is, mirrored left-right, upside down and half "
         "turned; `sam3studio.views`) and their answers averaged; `views=1` runs it once, four times faster and less sure.",
+        f"Its {masks}x{masks} masks are upsampled to the image along the image's edges (`sam3studio.edges`, a colour "
+        "guided filter); `snap_edges=False` upsamples them bilinearly, as transformers does.",
         "",
         f"Default score threshold: {threshold}, on scores times the mask's confidence to the power {power} "
         "(`postprocess.with_mask_confidence`). Both calibrated on the validation split, fp32, with those views: the "
