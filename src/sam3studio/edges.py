@@ -21,12 +21,13 @@ import math
 import cv2
 import numpy as np
 
-# The window's radius in cells of the model's mask grid: 2-3 cells move a boundary as far as
-# bilinear upsampling blurred it; measured on the demo model's validation split (2 -> 0.869,
-# 3 -> 0.871, 4 -> see RESUME.md).
+# The window's radius in cells of the model's mask grid. Demo model, validation split, mIoU at its
+# threshold: 2 cells 0.8692, 3 0.8712, 4 0.8722, 5 0.8727. Past 3 the gain is within noise,
+# while a wider window reaches further into a neighbouring object of the same colour.
 RADIUS_CELLS = 3
 # Regularisation, for colours in [0, 1]: a colour change smaller than about sqrt(EPSILON) (0.03,
 # 8 grey levels) in a window is treated as flat, so noise and texture do not drag the mask.
+# Same split, 3 cells: 1e-2 0.8680, 1e-3 0.8712, 1e-4 0.8718.
 EPSILON = 1e-3
 WORK_PIXELS = 1_000_000
 _SUPPORT = 0.01  # probability below which a pixel is far from the mask: its window is not filtered
