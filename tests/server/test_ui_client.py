@@ -10,7 +10,7 @@ def test_segment_and_reselect_through_the_ui(live_server, scene, tmp_path):
     path = tmp_path / "scene.png"
     Image.fromarray(scene).save(path)
     client = Client(live_server + "/", verbose=False)
-    annotated, table, status, files, clicked = client.predict(handle_file(str(path)), "red square, blue square", 0.0, 0, "fp32", api_name="/segment")
+    annotated, table, status, files, clicked = client.predict(handle_file(str(path)), "red square, blue square", 0.0, 0, True, "fp32", api_name="/segment")
     rows = table["data"]
     assert rows and rows[0][1] in ("red square", "blue square")
     annotations = annotated["value"]["annotations"]  # an update that also carries the color map
@@ -18,8 +18,11 @@ def test_segment_and_reselect_through_the_ui(live_server, scene, tmp_path):
     assert set(annotated["color_map"]) == {a["label"] for a in annotations}
     assert "used **fp32**" in status and "found" in clicked
     assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["masks.zip", "overlay.png", "result.json"]
+    # Unticking "masks follow the image's edges" re-selects with bilinear masks: other areas.
+    _, bilinear, _, _, _ = client.predict(0.0, 0, False, api_name="/reselect")
+    assert [r[1] for r in bilinear["data"]] == [r[1] for r in rows] and [r[3] for r in bilinear["data"]] != [r[3] for r in rows]
     # Moving the threshold slider re-selects from the session's cached outputs.
-    _, table, _, _, clicked = client.predict(1.0, 0, api_name="/reselect")
+    _, table, _, _, clicked = client.predict(1.0, 0, True, api_name="/reselect")
     assert table["data"] == [] and "Nothing found" in clicked
 
 

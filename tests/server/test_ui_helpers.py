@@ -51,4 +51,4 @@ def test_a_threshold_that_keeps_too_many_masks_is_a_message_not_a_crash(tiny_che
     answer = service.segment(scene, "red square, blue square", threshold=0.9, refine=0, precision=None, name="scene.png")
     monkeypatch.setattr(postprocess, "MAX_RESULT_MASK_BYTES", scene.shape[0] * scene.shape[1])  # room for one mask
     with pytest.raises(gr.Error, match="Raise the threshold"):
-        ui._reselect(service, answer, 0.0, 0)
+        ui._reselect(service, answer, 0.0, 0, True)

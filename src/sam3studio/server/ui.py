@@ -1,5 +1,5 @@
-"""The web UI (Gradio): upload, prompt, threshold, refinement, precision, and an annotated
-result where clicking a region tells what it is. It calls the shared service directly."""
+"""The web UI (Gradio): upload, prompt, threshold, refinement, edge snapping, precision, and an
+annotated result where clicking a region tells what it is. It calls the shared service directly."""
 
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ def build_ui(service: SegmentService) -> gr.Blocks:
                 # has loaded, with no separate load event racing the user's first input.
                 threshold = gr.Slider(0.0, 1.0, value=partial(_default_threshold, service), step=0.01, label="Detection threshold", elem_id="threshold")
                 refine = gr.Slider(0, 3, value=0, step=1, label="Mask refinement", info="0 raw, 1 clean specks, 2 smooth edges, 3 one solid piece")
+                snap_edges = gr.Checkbox(True, label="Masks follow the image's edges", info="Off: the model's coarse masks, stretched bilinearly",
+                                         elem_id="snap-edges")
                 precision = gr.Radio(precision_choices(service), value=service.config.precision, label="Precision",
                                      info="fp16 on a CPU runs as bf16 where the CPU has it, else fp32: CPUs compute fp16 slowly.")
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
@@ -115,12 +117,14 @@ def build_ui(service: SegmentService) -> gr.Blocks:
         answer = gr.State(time_to_live=SESSION_OUTPUTS_TTL_S)
 
         outputs = [result, table, status, downloads, answer, clicked]
-        inputs = [image, prompts, threshold, refine, precision]
+        inputs = [image, prompts, threshold, refine, snap_edges, precision]
         # One queue for the model, shared with the REST API through the service's own limits.
         run.click(partial(_segment, service), inputs, outputs, api_name="segment", concurrency_id="model", concurrency_limit=1)
         prompts.submit(partial(_segment, service), inputs, outputs, api_name=False, concurrency_id="model", concurrency_limit=1)
-        for slider, name in ((threshold, "reselect"), (refine, False)):
-            slider.release(partial(_reselect, service), [answer, threshold, refine], outputs, api_name=name)
+        reselect = partial(_reselect, service), [answer, threshold, refine, snap_edges], outputs
+        threshold.release(*reselect, api_name="reselect")
+        refine.release(*reselect, api_name=False)
+        snap_edges.input(*reselect, api_name=False)
         result.select(_describe_legend_click, [answer], clicked, api_name=False)
         click_xy.change(_describe_region, [answer, click_xy], clicked, api_name="describe_region")
     ui.queue(max_size=service.config.max_waiting)  # a full queue refuses at once, like the REST API
@@ -140,19 +144,20 @@ def _shown_to_the_user() -> Iterator[None]:
         raise gr.Error(str(exc)) from None
 
 
-def _segment(service: SegmentService, image, prompts, threshold, refine, precision):
+def _segment(service: SegmentService, image, prompts, threshold, refine, snap_edges, precision):
     if image is None:
         raise gr.Error("Upload an image first.")
     with _shown_to_the_user():
-        answer = service.segment(image, prompts, threshold=threshold, refine=int(refine), precision=precision, name=Path(image).name)
+        answer = service.segment(image, prompts, threshold=threshold, refine=int(refine), snap_edges=bool(snap_edges), precision=precision,
+                                 name=Path(image).name)
     return _show(answer)
 
 
-def _reselect(service: SegmentService, answer: Answer | None, threshold, refine):
+def _reselect(service: SegmentService, answer: Answer | None, threshold, refine, snap_edges):
     if answer is None:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     with _shown_to_the_user():  # a threshold near 0 on a large image can keep too many masks to hold
-        answer = service.reselect(answer, threshold=threshold, refine=int(refine))
+        answer = service.reselect(answer, threshold=threshold, refine=int(refine), snap_edges=bool(snap_edges))
     return _show(answer)
 
 
