@@ -49,6 +49,17 @@ def test_glob_and_box_exemplar(photos, tiny_checkpoint, tmp_path):
     assert labels == {"exemplar"}
 
 
+def test_no_snap_edges_gives_the_bilinear_masks(photos, tiny_checkpoint, tmp_path):
+    areas = []
+    for flag in ("--snap-edges", "--no-snap-edges"):
+        out = tmp_path / flag.strip("-")
+        proc = run("segment", str(photos / "one.png"), "-p", "red square", "--model", str(tiny_checkpoint), "--threshold", "0", flag,
+                   "--out", str(out), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        areas.append([i["area"] for i in json.loads((out / "one.json").read_text())["instances"]])
+    assert areas[0] and areas[1] and areas[0] != areas[1]
+
+
 def test_explicit_bf16_on_a_cpu_without_it_warns_and_runs_fp32(photos, tiny_checkpoint, tmp_path):
     proc = run("segment", str(photos / "one.png"), "-p", "red square", "--precision", "bf16", "--model", str(tiny_checkpoint),
                "--out", str(tmp_path / "o"), cwd=tmp_path)

@@ -60,6 +60,9 @@ def test_segment_returns_the_cli_document(client, scene):
     assert isinstance(doc["instances"][0]["segmentation"]["counts"], str)
     polygons = client.post("/v1/segment", files={"image": ("s.png", _png(scene))}, data={"prompts": "red square", "threshold": "0", "format": "polygons"})
     assert isinstance(polygons.json()["instances"][0]["segmentation"], list)
+    bilinear = client.post("/v1/segment", files={"image": ("scene.png", _png(scene))},
+                           data={"prompts": "red square, blue square", "threshold": "0", "snap_edges": "false"}).json()
+    assert [i["area"] for i in bilinear["instances"]] != [i["area"] for i in doc["instances"]], "snap_edges=false gives other masks"
 
 
 @pytest.mark.parametrize(
