@@ -13,7 +13,7 @@ Cost is bounded on large images by the fast guided filter (He and Sun, 2015): th
 coefficients are computed on a copy of the mask's window shrunk to at most WORK_PIXELS pixels
 and upsampled, and only the final per-pixel combination runs at full size. Measured on a Zen 4
 (2 cores), ten masks from a 288x288 grid: a 1008x1008 image 86 ms against 29 ms bilinear, a
-4000x3000 image 1.2 s against 0.26 s (`/work/runs/maskcut/cost_full.py`, medians of 5).
+4000x3000 image 1.2 s against 0.26 s (synthetic masks, medians of 5; runs/demo-checkpoint/RESUME.md).
 """
 
 from __future__ import annotations
