@@ -95,7 +95,7 @@ def select(
         kept = kept[np.argsort(-raw.scores[index][kept], kind="stable")]
         small = raw.mask_logits[index][kept] > logit_cut
         # Bilinear upsampling never exceeds the largest low-resolution logit: a mask empty here is empty at full
-        # size (snapped to edges too: a mask the model left empty is not one edges should grow).
+        # size. Snapped to edges it could gain a few pixels, but a mask the model left empty stays dropped.
         nonempty = small.any((-2, -1))
         chosen.append((index, prompt, kept[nonempty][one_per_object(small[nonempty])]))
     _check_result_size(sum(kept.size for _, _, kept in chosen), raw.image_size)
@@ -175,16 +175,28 @@ def one_per_object(masks: np.ndarray) -> np.ndarray:
 
 
 def full_size_masks(raw: RawPrediction, logits: np.ndarray, mask_threshold: float, snap_edges: bool) -> np.ndarray:
-    """(K, h, w) mask logits of `raw` -> (K, H, W) bool masks at the image's size."""
-    upsampled = upsample_masks(logits, raw.image_size)
+    """(K, h, w) mask logits of `raw` -> (K, H, W) bool masks at the image's size. Snapped
+    masks are upsampled one at a time: each needs its float probability while it is filtered."""
     if not snap_edges or raw.image is None:
-        return upsampled > math.log(mask_threshold / (1 - mask_threshold))
+        return upsample_masks(logits, raw.image_size) > math.log(mask_threshold / (1 - mask_threshold))
+    if raw.image.shape != (*raw.image_size, 3) or raw.image.dtype != np.uint8:
+        raise ValueError(f"RawPrediction.image must be ({raw.image_size[0]}, {raw.image_size[1]}, 3) uint8, the image its masks "
+                         f"belong to; got {raw.image.shape} {raw.image.dtype}.")
     radius = edges.radius_for(raw.image_size, logits.shape[-2:])
-    return np.stack([edges.snap_to_edges(_sigmoid(mask), raw.image, radius) > mask_threshold for mask in upsampled])
+    support = min(edges.SUPPORT, mask_threshold / 2)
+    masks = np.empty((len(logits), *raw.image_size), dtype=bool)
+    for index, mask in enumerate(logits):
+        probability = _sigmoid(upsample_masks(mask[None], raw.image_size)[0])
+        masks[index] = edges.snap_to_edges(probability, raw.image, radius, support=support) > mask_threshold
+    return masks
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 0.5 + 0.5 * np.tanh(0.5 * logits)  # without exp's overflow
+    """A new float32 array (float32 logits in): the sigmoid, without exp's overflow."""
+    out = np.tanh(0.5 * logits)
+    out *= 0.5
+    out += 0.5
+    return out
 
 
 def upsample_masks(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:

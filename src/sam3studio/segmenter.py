@@ -480,7 +480,8 @@ def _add_time(timings: dict[str, float], stage: str, since: float) -> None:
 
 
 def _raw_bytes(raw: RawPrediction) -> int:
-    return raw.scores.nbytes + raw.boxes.nbytes + raw.mask_logits.nbytes
+    image = 0 if raw.image is None else raw.image.nbytes
+    return raw.scores.nbytes + raw.boxes.nbytes + raw.mask_logits.nbytes + image
 
 
 def _as_slice(rows: list[int]) -> slice | list[int]:

@@ -93,6 +93,6 @@ class RawPrediction:
     precision_used: str
     fallback_fp32: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
-    # The decoded image the masks belong to: it guides their upsampling along its edges (see
-    # `edges`). Shared with the caches, never copied.
+    # The decoded image the masks belong to (a read-only copy): it guides their upsampling along
+    # its edges (see `edges`).
     image: np.ndarray | None = field(default=None, repr=False, compare=False)

@@ -10,7 +10,7 @@ def test_segment_and_reselect_through_the_ui(live_server, scene, tmp_path):
     path = tmp_path / "scene.png"
     Image.fromarray(scene).save(path)
     client = Client(live_server + "/", verbose=False)
-    annotated, table, status, files, clicked = client.predict(handle_file(str(path)), "red square, blue square", 0.0, 0, True, "fp32", api_name="/segment")
+    annotated, table, status, files, clicked = client.predict(handle_file(str(path)), "red square, blue square", 0.0, 0, "fp32", True, api_name="/segment")
     rows = table["data"]
     assert rows and rows[0][1] in ("red square", "blue square")
     annotations = annotated["value"]["annotations"]  # an update that also carries the color map

@@ -58,7 +58,8 @@ class SegmentService:
         self._model_lock = threading.Lock()
         # Post-processing runs outside the model lock, so that the next request's model pass can
         # start; two at a time keep both cores busy, and bound memory: each holds at most
-        # postprocess.MAX_RESULT_MASK_BYTES (2 GB) of masks, plus ~1 GB upsampling at 40 MP.
+        # postprocess.MAX_RESULT_MASK_BYTES (2 GB) of masks, plus up to ~1 GB upsampling or snapping
+        # to edges at 40 MP (one mask snapped there: +0.5 GB).
         self._postprocessing = threading.BoundedSemaphore(2)
 
     def start(self) -> threading.Thread:
@@ -103,7 +104,8 @@ class SegmentService:
             result = select(raw, threshold=cut, refine=refine, snap_edges=snap_edges)
         result.timings_ms["postprocess"] = (time.perf_counter() - started) * 1000
         # Only our own warnings (prompt language, precision changes); the catch is process-wide.
-        return Answer(result, rgb, raw, [str(w.message) for w in caught if issubclass(w.category, Sam3Warning)])
+        # raw.image is the same picture (read-only), so a session holds it once.
+        return Answer(result, raw.image, raw, [str(w.message) for w in caught if issubclass(w.category, Sam3Warning)])
 
     def reselect(self, answer: Answer, *, threshold: float, refine: int, snap_edges: bool = True) -> Answer:
         """A new threshold or refinement level on the same model outputs: no model run."""

@@ -117,7 +117,7 @@ def build_ui(service: SegmentService) -> gr.Blocks:
         answer = gr.State(time_to_live=SESSION_OUTPUTS_TTL_S)
 
         outputs = [result, table, status, downloads, answer, clicked]
-        inputs = [image, prompts, threshold, refine, snap_edges, precision]
+        inputs = [image, prompts, threshold, refine, precision, snap_edges]  # the checkbox last: API calls keep their order
         # One queue for the model, shared with the REST API through the service's own limits.
         run.click(partial(_segment, service), inputs, outputs, api_name="segment", concurrency_id="model", concurrency_limit=1)
         prompts.submit(partial(_segment, service), inputs, outputs, api_name=False, concurrency_id="model", concurrency_limit=1)
@@ -144,7 +144,7 @@ def _shown_to_the_user() -> Iterator[None]:
         raise gr.Error(str(exc)) from None
 
 
-def _segment(service: SegmentService, image, prompts, threshold, refine, snap_edges, precision):
+def _segment(service: SegmentService, image, prompts, threshold, refine, precision, snap_edges=True):
     if image is None:
         raise gr.Error("Upload an image first.")
     with _shown_to_the_user():
@@ -153,7 +153,7 @@ def _segment(service: SegmentService, image, prompts, threshold, refine, snap_ed
     return _show(answer)
 
 
-def _reselect(service: SegmentService, answer: Answer | None, threshold, refine, snap_edges):
+def _reselect(service: SegmentService, answer: Answer | None, threshold, refine, snap_edges=True):
     if answer is None:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     with _shown_to_the_user():  # a threshold near 0 on a large image can keep too many masks to hold
